@@ -1,0 +1,1 @@
+"""HuggingFace transformers integration: model install, KV capture (generate hook and Cache come later)."""

@@ -1,0 +1,150 @@
+"""Redis tier: redis-py with hiredis, one atomic record per blob.
+
+Record layout under ``<prefix>{<key>}`` (the braces are a Cluster hash tag, so
+all parts of one record land in one slot and one transaction):
+
+- blob <= part_size: the blob itself (it starts with the blob magic ``KVMW``);
+- larger: ``KVMP`` + u32 part count + u64 total length + part 0, and parts
+  1..n-1 under ``<prefix>{<key>}#<i>``, all written in one MULTI/EXEC so a
+  reader never sees a record without its parts. Reads fetch part 0, then the
+  other parts in one pipelined round trip; the blob checksum (checked by the
+  store) catches a record that was overwritten between the two.
+
+Splitting pays twice on these machines: Redis and hiredis handle 2-4 MiB
+values at ~2 GB/s but 32 MiB values at ~0.6 GB/s, and parts pipeline.
+
+The client is created lazily with short timeouts, so a Redis that is down at
+start or dies mid-run costs one timeout, then the store skips the tier.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator, Sequence
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+from kvmw.errors import TierError
+from kvmw.storage_tiers.base import BytesLike, Tier
+
+_MULTI = b"KVMP"
+_MULTI_HDR = struct.Struct("<4sIQ")
+
+
+class RedisTier(Tier):
+    name = "redis"
+
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0", prefix: str = "kvmw:",
+                 ttl: int = 0, part_size: int = 4 << 20, timeout: float = 2.0,
+                 capacity: int = 0) -> None:
+        super().__init__(capacity)  # 0: bounded by Redis' own maxmemory policy
+        self.url, self.prefix, self.ttl = url, prefix, ttl
+        self.part_size = max(part_size, 1 << 16)
+        self.timeout = timeout
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = self._connect()
+        return self._client
+
+    def _connect(self) -> Any:
+        try:
+            import redis
+        except ImportError as e:
+            raise TierError("the redis tier needs `pip install kvmw[redis]`") from e
+        parsed = urlparse(self.url)
+        cluster = parsed.scheme == "redis+cluster" or parse_qs(parsed.query).get("cluster") == ["1"]
+        kwargs = dict(socket_timeout=self.timeout, socket_connect_timeout=self.timeout)
+        if cluster:
+            from redis.cluster import RedisCluster
+
+            url = self.url.replace("redis+cluster://", "redis://", 1)
+            return RedisCluster.from_url(url, **kwargs)
+        return redis.Redis.from_url(self.url, health_check_interval=30, **kwargs)
+
+    def _key(self, key: str, part: int = 0) -> str:
+        return f"{self.prefix}{{{key}}}" + (f"#{part}" if part else "")
+
+    def put(self, key: str, blob: BytesLike, cost: float = 1.0) -> bool:
+        mv = memoryview(blob).cast("B")
+        ex = self.ttl or None
+        if mv.nbytes <= self.part_size:
+            self.client.set(self._key(key), mv, ex=ex)
+        else:
+            step = self.part_size
+            n = -(-mv.nbytes // step)
+            first = _MULTI_HDR.pack(_MULTI, n, mv.nbytes) + mv[:step].tobytes()
+            with self.client.pipeline(transaction=True) as pipe:
+                pipe.set(self._key(key), first, ex=ex)
+                for i in range(1, n):
+                    pipe.set(self._key(key, i), mv[i * step:(i + 1) * step], ex=ex)
+                pipe.execute()
+        self.counters.puts += 1
+        self.counters.bytes_written += mv.nbytes
+        return True
+
+    def get(self, key: str) -> BytesLike | None:
+        first = self.client.get(self._key(key))
+        if first is None:
+            self._miss()
+            return None
+        if first[:4] != _MULTI:
+            self._hit(len(first))
+            return first
+        if len(first) < _MULTI_HDR.size:
+            return first  # the store's blob check rejects it and deletes the record
+        _, n, total = _MULTI_HDR.unpack_from(first)
+        with self.client.pipeline(transaction=False) as pipe:
+            for i in range(1, n):
+                pipe.get(self._key(key, i))
+            rest = pipe.execute()
+        if any(p is None for p in rest):
+            self._miss()  # parts expired or evicted separately: not a whole record
+            return None
+        buf = bytearray(total) if total == len(first) - _MULTI_HDR.size + sum(map(len, rest)) else None
+        if buf is None:
+            return first  # lengths disagree: corrupt; the store rejects and deletes
+        mv = memoryview(buf)
+        off = len(first) - _MULTI_HDR.size
+        mv[:off] = memoryview(first)[_MULTI_HDR.size:]
+        for p in rest:
+            mv[off:off + len(p)] = p
+            off += len(p)
+        self._hit(total)
+        return buf
+
+    def contains(self, keys: Sequence[str]) -> list[bool]:
+        if not keys:
+            return []
+        with self.client.pipeline(transaction=False) as pipe:
+            for k in keys:
+                pipe.exists(self._key(k))
+            return [bool(x) for x in pipe.execute()]
+
+    def delete(self, key: str) -> None:
+        head = self.client.getrange(self._key(key), 0, _MULTI_HDR.size - 1)
+        n = 1
+        if head and head[:4] == _MULTI and len(head) == _MULTI_HDR.size:
+            n = _MULTI_HDR.unpack(head)[1]
+        self.client.delete(*[self._key(key, i) for i in range(n)])
+
+    def entries(self) -> Iterator[tuple[str, int]]:
+        pattern = f"{self.prefix}{{*}}"
+        for raw in self.client.scan_iter(match=pattern, count=1000):
+            name = raw.decode()
+            key = name[len(self.prefix) + 1:-1]
+            head = self.client.getrange(name, 0, _MULTI_HDR.size - 1)
+            size = self.client.strlen(name)
+            if head[:4] == _MULTI and len(head) == _MULTI_HDR.size:
+                size = _MULTI_HDR.unpack(head)[2]
+            yield key, size
+
+    def used_bytes(self) -> int:
+        return self.counters.bytes_written  # Redis owns eviction; this is what we wrote
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None

@@ -1,0 +1,225 @@
+"""`TieredStore`: ordered tiers, promotion on hit, background write-through.
+
+- `get` asks tiers top-down; the first valid blob is promoted into the tiers
+  above it and returned. Every blob is validated (header, lengths, checksum,
+  model fingerprint) whichever tier it came from; a bad one is deleted from
+  that tier, counted, and the search goes on (so a corrupt disk copy can still
+  be answered from Redis).
+- `put` writes to the top tier synchronously and queues the write to the lower
+  tiers on a bounded queue drained by one thread. A full queue drops the write
+  and counts it: the engine never waits on disk or network.
+- A tier that raises is marked unhealthy and skipped for a backoff that doubles
+  per consecutive failure (up to 60 s); the next call after the backoff is the
+  probe. The caller sees a miss, never the exception.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kvmw.blob import parse_blob
+from kvmw.errors import BlobError, ForeignModelError
+from kvmw.storage_tiers.base import BytesLike, Tier
+
+log = logging.getLogger("kvmw.store")
+
+MAX_BACKOFF = 60.0
+
+
+@dataclass
+class _Health:
+    healthy: bool = True
+    failures: int = 0
+    retry_at: float = 0.0
+    last_error: str = ""
+
+
+class TieredStore:
+    def __init__(self, tiers: Sequence[Tier], write_queue: int = 64, retry_backoff: float = 1.0,
+                 validate: bool = True) -> None:
+        if not tiers:
+            raise ValueError("a TieredStore needs at least one tier")
+        self.tiers = list(tiers)
+        self.retry_backoff = retry_backoff
+        self.validate = validate
+        self._health = {id(t): _Health() for t in self.tiers}
+        self.counts = {"hits": 0, "misses": 0, "corrupt": 0, "foreign": 0, "tier_errors": 0,
+                       "dropped_writes": 0, "queued_writes": 0}
+        self.corrupt_by_tier = {t.name: 0 for t in self.tiers}
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(write_queue, 1))
+        self._writer = threading.Thread(target=self._drain, name="kvmw-write-through", daemon=True)
+        self._closed = False
+        self._observers: list[Any] = []
+        self._writer.start()
+
+    # ---- health -----------------------------------------------------------------------
+    def _available(self, tier: Tier) -> bool:
+        h = self._health[id(tier)]
+        return h.healthy or time.monotonic() >= h.retry_at
+
+    def _call(self, tier: Tier, op: str, *args: Any) -> tuple[bool, Any]:
+        """Run tier.op(*args); (False, None) when the tier is skipped or failed."""
+        if not self._available(tier):
+            return False, None
+        h = self._health[id(tier)]
+        t0 = time.perf_counter()
+        try:
+            result = getattr(tier, op)(*args)
+        except Exception as e:  # any tier failure is a miss, never the engine's problem
+            with self._lock:
+                self.counts["tier_errors"] += 1
+                h.failures += 1
+                backoff = min(self.retry_backoff * 2 ** (h.failures - 1), MAX_BACKOFF)
+                h.retry_at = time.monotonic() + backoff
+                if h.healthy:
+                    log.warning("kvmw tier %s failed (%s: %s); skipping it for %.1fs",
+                                tier.name, type(e).__name__, e, backoff)
+                h.healthy, h.last_error = False, f"{type(e).__name__}: {e}"
+            return False, None
+        if not h.healthy:
+            log.warning("kvmw tier %s is healthy again", tier.name)
+            with self._lock:
+                h.healthy, h.failures = True, 0
+        for obs in self._observers:
+            obs(tier.name, op, time.perf_counter() - t0)
+        return True, result
+
+    def healthy(self) -> dict[str, bool]:
+        return {t.name: self._health[id(t)].healthy for t in self.tiers}
+
+    def add_latency_observer(self, fn: Any) -> None:
+        """fn(tier_name, op, seconds) after each successful tier call (metrics hook)."""
+        self._observers.append(fn)
+
+    # ---- reads ------------------------------------------------------------------------
+    def get(self, key: str, expected_fingerprint: str | None = None) -> BytesLike | None:
+        """The blob under `key` from the fastest tier that has a valid copy, or None."""
+        for i, tier in enumerate(self.tiers):
+            ok, blob = self._call(tier, "get", key)
+            if not ok or blob is None:
+                continue
+            if self.validate and not self._valid(tier, key, blob, expected_fingerprint):
+                continue
+            for upper in self.tiers[:i]:
+                self._call(upper, "put", key, blob)
+            with self._lock:
+                self.counts["hits"] += 1
+            return blob
+        with self._lock:
+            self.counts["misses"] += 1
+        return None
+
+    def _valid(self, tier: Tier, key: str, blob: BytesLike, fingerprint: str | None) -> bool:
+        try:
+            parse_blob(blob, fingerprint)
+            return True
+        except BlobError as e:
+            log.warning("kvmw dropped a bad blob %s from tier %s: %s", key, tier.name, e)
+            with self._lock:
+                self.counts["foreign" if isinstance(e, ForeignModelError) else "corrupt"] += 1
+                self.corrupt_by_tier[tier.name] += 1
+            self._call(tier, "delete", key)
+            return False
+
+    def contains(self, keys: Sequence[str]) -> list[bool]:
+        """Presence in any tier; one batched call (one round trip) per tier."""
+        present = [False] * len(keys)
+        for tier in self.tiers:
+            todo = [i for i, p in enumerate(present) if not p]
+            if not todo:
+                break
+            ok, found = self._call(tier, "contains", [keys[i] for i in todo])
+            if ok:
+                for i, f in zip(todo, found):
+                    present[i] = present[i] or bool(f)
+        return present
+
+    def prefix_hits(self, keys: Sequence[str]) -> int:
+        """How many leading keys of a prefix chain are stored somewhere."""
+        n = 0
+        for p in self.contains(keys):
+            if not p:
+                break
+            n += 1
+        return n
+
+    # ---- writes -----------------------------------------------------------------------
+    def put(self, key: str, blob: BytesLike, cost: float = 1.0) -> None:
+        """Store in the top tier now and in the lower tiers in the background."""
+        for i, tier in enumerate(self.tiers):
+            ok, _ = self._call(tier, "put", key, blob, cost)
+            if ok:
+                self._enqueue(key, blob, cost, self.tiers[i + 1:])
+                return
+        # no tier took it (all down): nothing to do, the next request recomputes
+
+    def _enqueue(self, key: str, blob: BytesLike, cost: float, tiers: list[Tier]) -> None:
+        if not tiers or self._closed:
+            return
+        try:
+            self._queue.put_nowait((key, blob, cost, tiers))
+            with self._lock:
+                self.counts["queued_writes"] += 1
+        except queue.Full:
+            with self._lock:
+                self.counts["dropped_writes"] += 1
+
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                key, blob, cost, tiers = item
+                for tier in tiers:
+                    self._call(tier, "put", key, blob, cost)
+            finally:
+                self._queue.task_done()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until queued write-throughs are done; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._queue.unfinished_tasks:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.002)
+        return True
+
+    def delete(self, key: str) -> None:
+        for tier in self.tiers:
+            self._call(tier, "delete", key)
+
+    # ---- lifecycle / introspection -----------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        tiers = {}
+        for t in self.tiers:
+            h = self._health[id(t)]
+            tiers[t.name] = {**t.stats(), "healthy": h.healthy,
+                             "last_error": h.last_error, "corrupt": self.corrupt_by_tier[t.name]}
+        return {**self.counts, "write_queue_depth": self._queue.qsize(), "tiers": tiers}
+
+    def close(self, flush_timeout: float = 10.0) -> None:
+        if self._closed:
+            return
+        self.flush(flush_timeout)
+        self._closed = True
+        self._queue.put(None)
+        self._writer.join(timeout=flush_timeout)
+        for t in self.tiers:
+            try:
+                t.close()
+            except Exception:  # closing is best effort
+                pass
+
+    def __enter__(self) -> "TieredStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
