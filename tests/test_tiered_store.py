@@ -1,0 +1,156 @@
+"""TieredStore: promotion, write-through, faults, corruption, metrics."""
+
+import threading
+import time
+
+import pytest
+
+from kvmw.config import KVMWConfig
+from kvmw.metrics import StoreMetrics
+from kvmw.quantizers import make_codec
+from kvmw.storage_tiers import CPUTier, DiskTier, RedisTier, TieredStore, build_store
+from tests.test_tiers import blob_of, key_of
+
+
+@pytest.fixture
+def three(tmp_path, redis_url, redis_prefix):
+    store = TieredStore([CPUTier(1 << 30), DiskTier(tmp_path, 1 << 30),
+                         RedisTier(redis_url, prefix=redis_prefix, part_size=64 << 10)])
+    yield store
+    store.close()
+
+
+def test_put_writes_through_and_get_promotes(three):
+    cpu, disk, redis = three.tiers
+    b = blob_of(64)
+    three.put(key_of(1), b)
+    assert three.flush(5)
+    assert [t.contains([key_of(1)])[0] for t in three.tiers] == [True, True, True]
+    cpu.delete(key_of(1)), disk.delete(key_of(1))
+    assert bytes(three.get(key_of(1))) == bytes(b)  # from redis
+    assert cpu.contains([key_of(1)]) == [True] and disk.contains([key_of(1)]) == [True]
+    assert three.counts["hits"] == 1 and three.get(key_of(9)) is None and three.counts["misses"] == 1
+
+
+def test_prefix_hits_counts_leading_run_across_tiers(three):
+    cpu, disk, redis = three.tiers
+    keys = [key_of(i) for i in range(5)]
+    cpu.put(keys[0], blob_of(8)), disk.put(keys[1], blob_of(8)), redis.put(keys[2], blob_of(8))
+    redis.put(keys[4], blob_of(8))  # after a gap: not part of the prefix
+    assert three.prefix_hits(keys) == 3
+    assert three.contains(keys) == [True, True, True, False, True]
+
+
+def test_corrupt_copy_is_dropped_counted_and_lower_tier_answers(three, tmp_path):
+    cpu, disk, redis = three.tiers
+    b = blob_of(64)
+    three.put(key_of(1), b)
+    three.flush(5)
+    cpu.delete(key_of(1))
+    path = disk.path(key_of(1))
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    path.write_bytes(raw)
+    assert bytes(three.get(key_of(1))) == bytes(b)  # redis copy
+    assert three.counts["corrupt"] == 1 and three.corrupt_by_tier["disk"] == 1
+    assert bytes(disk.get(key_of(1))) == bytes(b)  # replaced by promotion from redis
+    # truncated file in the only tier holding it: a miss, file deleted
+    cpu.delete(key_of(1)), redis.delete(key_of(1))
+    path.write_bytes(bytes(b)[:100])
+    assert three.get(key_of(1)) is None and not path.exists()
+
+
+def test_foreign_model_blob_is_a_miss(tmp_path):
+    store = TieredStore([CPUTier(1 << 20)])
+    store.put(key_of(1), blob_of(8))  # fingerprint "fff..."
+    assert store.get(key_of(1), expected_fingerprint="0" * 32) is None
+    assert store.counts["foreign"] == 1
+    store.close()
+
+
+def test_redis_dying_mid_run_degrades_then_recovers(tmp_path, redis_proc):
+    store = TieredStore([CPUTier(1 << 30), RedisTier(redis_proc.url, prefix="k:", timeout=0.3)],
+                        retry_backoff=0.2)
+    store.put(key_of(1), blob_of(8))
+    store.flush(5)
+    redis_proc.kill()
+    store.tiers[0].delete(key_of(1))
+    t0 = time.monotonic()
+    assert store.get(key_of(1)) is None  # miss, not an exception
+    store.put(key_of(2), blob_of(8))  # top tier still takes writes
+    assert store.get(key_of(2)) is not None
+    assert store.healthy()["redis"] is False and store.counts["tier_errors"] >= 1
+    for _ in range(20):  # while unhealthy, redis is skipped: no timeouts pile up
+        store.get(key_of(3))
+    assert time.monotonic() - t0 < 3.0
+    redis_proc.start()
+    time.sleep(0.5)  # past the backoff: the next call probes and recovers
+    store.put(key_of(4), blob_of(8))
+    assert store.flush(5)
+    assert store.tiers[1].get(key_of(4)) is not None
+    assert store.healthy()["redis"] is True
+    store.close()
+
+
+def test_redis_down_at_start_is_skipped(tmp_path):
+    from kvmw.storage_tiers.redis_server import free_port
+
+    store = build_store(KVMWConfig.load(env={}, tiers=["cpu", "redis"], remote_timeout=0.2,
+                                        redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+    store.put(key_of(1), blob_of(8))
+    assert store.flush(5)
+    assert store.get(key_of(1)) is not None
+    assert store.healthy()["redis"] is False
+    store.close()
+
+
+class _SlowTier(CPUTier):
+    name = "slow"
+
+    def __init__(self):
+        super().__init__(1 << 30)
+        self.gate = threading.Event()
+
+    def put(self, key, blob, cost=1.0):
+        self.gate.wait(10)
+        return super().put(key, blob, cost)
+
+
+def test_full_write_queue_drops_and_counts_without_blocking():
+    slow = _SlowTier()
+    store = TieredStore([CPUTier(1 << 30), slow], write_queue=2)
+    t0 = time.monotonic()
+    for i in range(10):
+        store.put(key_of(i), blob_of(8))
+    assert time.monotonic() - t0 < 1.0  # the engine never waited on the slow tier
+    assert store.counts["dropped_writes"] >= 7
+    assert all(store.tiers[0].contains([key_of(i) for i in range(10)]))  # top tier has all
+    slow.gate.set()
+    assert store.flush(10)
+    assert sum(slow.contains([key_of(i) for i in range(10)])) == 10 - store.counts["dropped_writes"]
+    store.close()
+
+
+def test_metrics_export_per_tier_counters(three):
+    metrics = StoreMetrics(three)
+    three.put(key_of(1), blob_of(8))
+    three.flush(5)
+    three.get(key_of(1)), three.get(key_of(2))
+    text = metrics.text().decode()
+    assert 'kvmw_tier_hits_total{tier="cpu"} 1.0' in text
+    assert 'kvmw_tier_puts_total{tier="redis"} 1.0' in text
+    assert "kvmw_store_misses_total 1.0" in text
+    assert 'kvmw_tier_op_seconds_count{op="get",tier="cpu"}' in text
+    other = StoreMetrics(TieredStore([CPUTier(1)]))  # separate registries, no clash
+    assert "kvmw_store_hits_total 0.0" in other.text().decode()
+
+
+def test_real_codec_blob_round_trips_through_store(tmp_path, kv_small, fp):
+    store = TieredStore([DiskTier(tmp_path, 1 << 20)])
+    blob = make_codec("zstd").encode(kv_small, fp.digest)
+    store.put("abcd" * 8, blob)
+    from kvmw.quantizers import decode_blob
+
+    kv, _ = decode_blob(store.get("abcd" * 8, fp.digest), fp.digest)
+    assert (kv == kv_small).all()
+    store.close()
