@@ -1,0 +1,5 @@
+import sys
+
+from kvmw.cli import main
+
+sys.exit(main())
