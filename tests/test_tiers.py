@@ -166,3 +166,24 @@ def test_unusable_disk_path_is_an_error(tmp_path):
     f.write_text("x")
     with pytest.raises(OSError):
         DiskTier(f, 1 << 20)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU tier needs CUDA; none on this machine")
+def test_gpu_tier_round_trip():
+    from kvmw.storage_tiers import GPUTier
+
+    t = GPUTier(1 << 20)
+    b = blob_of(16)
+    assert t.put(key_of(1), b)
+    assert t.get_device(key_of(1)).device.type == "cuda"
+    assert bytes(t.get(key_of(1))) == bytes(b)
+
+
+def test_gpu_tier_without_cuda_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    from kvmw.storage_tiers import GPUTier
+
+    with pytest.raises(TierError, match="CUDA"):
+        GPUTier(1 << 20)
