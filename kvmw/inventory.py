@@ -17,16 +17,16 @@ def inspect_store(config_path: str | None, tiers: str, limit: int) -> int:
     try:
         summary, listing = [], []
         for tier in store.tiers:
-            ok, entries = store._call(tier, "entries")
+            ok, entries = store.guarded(tier, "entries")
             if not ok:
-                summary.append([tier.name, "unavailable", "-", "-", store._health[id(tier)].last_error])
+                summary.append([tier.name, "unavailable", "-", "-", store.last_error(tier)])
                 continue
             entries = list(entries)
             used = sum(size for _, size in entries)
             cap = tier.capacity or "unbounded"
             summary.append([tier.name, len(entries), used, cap, ""])
             for key, size in entries[:limit]:
-                ok, blob = store._call(tier, "get", key)
+                ok, blob = store.guarded(tier, "get", key)
                 listing.append([tier.name, key, size, *_describe(blob if ok else None)])
         print_table(["tier", "entries", "bytes", "capacity", "note"], summary)
         print()

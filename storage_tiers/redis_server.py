@@ -67,13 +67,15 @@ def redis_binary(install: bool = False) -> str | None:
 class RedisProcess:
     """A redis-server child on loopback (no persistence) that tests can kill and restart."""
 
-    def __init__(self, port: int | None = None, workdir: str | None = None) -> None:
+    def __init__(self, port: int | None = None, workdir: str | None = None,
+                 extra_args: tuple[str, ...] = ()) -> None:
         binary = redis_binary()
         if binary is None:
             raise RuntimeError(f"redis-server not found: {HOW_TO}")
         self.binary = binary
         self.port = port or free_port()
         self.workdir = workdir or tempfile.mkdtemp(prefix="kvmw-redis-")
+        self.extra_args = extra_args
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -83,7 +85,7 @@ class RedisProcess:
     def start(self, timeout: float = 10.0) -> "RedisProcess":
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.workdir],
+             "--appendonly", "no", "--dir", self.workdir, *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while not ping("127.0.0.1", self.port, 0.2):

@@ -131,6 +131,9 @@ class RedisTier(Tier):
         self.client.delete(*[self._key(key, i) for i in range(n)])
 
     def entries(self) -> Iterator[tuple[str, int]]:
+        return iter(list(self._scan()))  # materialized: failures surface inside the call
+
+    def _scan(self) -> Iterator[tuple[str, int]]:
         pattern = f"{self.prefix}{{*}}"
         for raw in self.client.scan_iter(match=pattern, count=1000):
             name = raw.decode()

@@ -64,8 +64,9 @@ class TieredStore:
         h = self._health[id(tier)]
         return h.healthy or time.monotonic() >= h.retry_at
 
-    def _call(self, tier: Tier, op: str, *args: Any) -> tuple[bool, Any]:
-        """Run tier.op(*args); (False, None) when the tier is skipped or failed."""
+    def guarded(self, tier: Tier, op: str, *args: Any) -> tuple[bool, Any]:
+        """Run tier.op(*args) under the health rules: (False, None) when the tier
+        is being skipped or just failed, else (True, result)."""
         if not self._available(tier):
             return False, None
         h = self._health[id(tier)]
@@ -91,6 +92,9 @@ class TieredStore:
             obs(tier.name, op, time.perf_counter() - t0)
         return True, result
 
+    def last_error(self, tier: Tier) -> str:
+        return self._health[id(tier)].last_error
+
     def healthy(self) -> dict[str, bool]:
         return {t.name: self._health[id(t)].healthy for t in self.tiers}
 
@@ -102,13 +106,13 @@ class TieredStore:
     def get(self, key: str, expected_fingerprint: str | None = None) -> BytesLike | None:
         """The blob under `key` from the fastest tier that has a valid copy, or None."""
         for i, tier in enumerate(self.tiers):
-            ok, blob = self._call(tier, "get", key)
+            ok, blob = self.guarded(tier, "get", key)
             if not ok or blob is None:
                 continue
             if self.validate and not self._valid(tier, key, blob, expected_fingerprint):
                 continue
             for upper in self.tiers[:i]:
-                self._call(upper, "put", key, blob)
+                self.guarded(upper, "put", key, blob)
             with self._lock:
                 self.counts["hits"] += 1
             return blob
@@ -125,7 +129,7 @@ class TieredStore:
             with self._lock:
                 self.counts["foreign" if isinstance(e, ForeignModelError) else "corrupt"] += 1
                 self.corrupt_by_tier[tier.name] += 1
-            self._call(tier, "delete", key)
+            self.guarded(tier, "delete", key)
             return False
 
     def contains(self, keys: Sequence[str]) -> list[bool]:
@@ -135,7 +139,7 @@ class TieredStore:
             todo = [i for i, p in enumerate(present) if not p]
             if not todo:
                 break
-            ok, found = self._call(tier, "contains", [keys[i] for i in todo])
+            ok, found = self.guarded(tier, "contains", [keys[i] for i in todo])
             if ok:
                 for i, f in zip(todo, found):
                     present[i] = present[i] or bool(f)
@@ -154,7 +158,7 @@ class TieredStore:
     def put(self, key: str, blob: BytesLike, cost: float = 1.0) -> None:
         """Store in the top tier now and in the lower tiers in the background."""
         for i, tier in enumerate(self.tiers):
-            ok, _ = self._call(tier, "put", key, blob, cost)
+            ok, _ = self.guarded(tier, "put", key, blob, cost)
             if ok:
                 self._enqueue(key, blob, cost, self.tiers[i + 1:])
                 return
@@ -179,7 +183,7 @@ class TieredStore:
                     return
                 key, blob, cost, tiers = item
                 for tier in tiers:
-                    self._call(tier, "put", key, blob, cost)
+                    self.guarded(tier, "put", key, blob, cost)
             finally:
                 self._queue.task_done()
 
@@ -194,7 +198,7 @@ class TieredStore:
 
     def delete(self, key: str) -> None:
         for tier in self.tiers:
-            self._call(tier, "delete", key)
+            self.guarded(tier, "delete", key)
 
     # ---- lifecycle / introspection -----------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -79,3 +79,52 @@ def redis_proc(tmp_path):
         pytest.fail(str(e))
     yield proc
     proc.kill()
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free and valid too."""
+    import random
+    import socket
+
+    for _ in range(200):
+        port = random.randint(20000, 45000)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+@pytest.fixture
+def redis_cluster(tmp_path):
+    """Three redis-server processes in cluster mode (no replicas), all slots covered."""
+    import shutil
+    import subprocess
+    import time
+
+    import redis
+
+    if shutil.which("redis-cli") is None:
+        pytest.fail(f"redis-cli not found: {HOW_TO}")
+    nodes = []
+    try:
+        for i in range(3):
+            d = tmp_path / f"node{i}"
+            d.mkdir()
+            nodes.append(RedisProcess(port=_cluster_port(), workdir=str(d), extra_args=(
+                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")).start())
+        subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in nodes],
+                        "--cluster-replicas", "0", "--cluster-yes"], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
+        for _ in range(100):
+            info = redis.Redis(port=nodes[0].port).cluster("info")
+            if info.get("cluster_state") == "ok":
+                break
+            time.sleep(0.1)
+        yield f"redis+cluster://127.0.0.1:{nodes[0].port}/0"
+    finally:
+        for n in nodes:
+            n.kill()

@@ -154,3 +154,21 @@ def test_real_codec_blob_round_trips_through_store(tmp_path, kv_small, fp):
     kv, _ = decode_blob(store.get("abcd" * 8, fp.digest), fp.digest)
     assert (kv == kv_small).all()
     store.close()
+
+
+def test_disk_becoming_unwritable_mid_run_is_skipped(tmp_path):
+    """The disk tier's folder is replaced by a file mid-run (as root, chmod would not stop us)."""
+    import shutil
+
+    root = tmp_path / "store"
+    store = TieredStore([CPUTier(1 << 30), DiskTier(root, 1 << 30)], retry_backoff=60)
+    store.put(key_of(1), blob_of(8))
+    assert store.flush(5) and store.tiers[1].contains([key_of(1)]) == [True]
+    shutil.rmtree(root)
+    root.write_text("not a folder")
+    store.put(key_of(2), blob_of(8))  # write-through fails in the background
+    assert store.flush(5)
+    assert store.get(key_of(2)) is not None  # cpu still serves
+    assert store.healthy()["disk"] is False and "disk" in store.stats()["tiers"]
+    assert "NotADirectory" in store.last_error(store.tiers[1]) or "write failed" in store.last_error(store.tiers[1])
+    store.close()

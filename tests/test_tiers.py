@@ -187,3 +187,19 @@ def test_gpu_tier_without_cuda_is_a_clear_error():
 
     with pytest.raises(TierError, match="CUDA"):
         GPUTier(1 << 20)
+
+
+def test_redis_cluster_url_uses_the_cluster_client(redis_cluster):
+    from redis.cluster import RedisCluster
+
+    t = RedisTier(redis_cluster, prefix="c:", part_size=64 << 10)
+    assert isinstance(t.client, RedisCluster)
+    blobs = {key_of(i): blob_of(2048, i) for i in range(6)}  # multi-part records
+    for k, b in blobs.items():
+        assert t.put(k, b)
+    assert all(bytes(t.get(k)) == bytes(b) for k, b in blobs.items())
+    assert t.contains([key_of(0), key_of(99)]) == [True, False]
+    t.delete(key_of(0))
+    assert t.get(key_of(0)) is None
+    assert {k for k, _ in t.entries()} == set(blobs) - {key_of(0)}
+    t.close()
