@@ -61,6 +61,8 @@ class Stage(ABC):
 
     name: ClassVar[str]
     version: ClassVar[int] = 1
+    #: spec options this stage accepts ("g" for "kivi4:g32", "shuffle" for "zstd:shuffle")
+    options: ClassVar[frozenset[str]] = frozenset()
 
     def params(self) -> dict[str, Any]:
         """What the decoder needs to know, recorded in every blob header."""
@@ -71,10 +73,19 @@ class Stage(ABC):
         return cls(**params)
 
     @classmethod
+    def parse_spec(cls, opts: dict[str, str]) -> "Stage":
+        unknown = set(opts) - cls.options
+        if unknown:
+            raise ConfigError(f"codec {cls.name!r} options are {sorted(cls.options) or 'none'}, "
+                              f"got {sorted(unknown)}")
+        try:
+            return cls.from_spec(opts)
+        except ValueError as e:
+            raise ConfigError(f"codec {cls.name!r}: {e}") from e
+
+    @classmethod
     def from_spec(cls, opts: dict[str, str]) -> "Stage":
-        """Build from spec options (``"zstd:l3"`` gives {"l": "3"})."""
-        if opts:
-            raise ConfigError(f"codec stage {cls.name!r} takes no options, got {opts}")
+        """Build from validated spec options (``"zstd:l3"`` gives {"l": "3"})."""
         return cls()
 
 
@@ -199,11 +210,11 @@ def make_codec(spec: str | Codec) -> Codec:
         stages, first, opts = ["none", stages[0]], "none", {}
     if first not in QUANTIZERS:
         raise ConfigError(f"codec spec {spec!r}: unknown quantizer {first!r}; known {sorted(QUANTIZERS)}")
-    quantizer = QUANTIZERS[first].from_spec(opts)
+    quantizer = QUANTIZERS[first].parse_spec(opts)
     lossless = None
     if len(stages) == 2:
         lname, lopts = _parse_stage(stages[1])
         if lname not in LOSSLESS:
             raise ConfigError(f"codec spec {spec!r}: unknown lossless stage {lname!r}")
-        lossless = LOSSLESS[lname].from_spec(lopts)
+        lossless = LOSSLESS[lname].parse_spec(lopts)
     return Codec(quantizer, lossless)

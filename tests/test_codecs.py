@@ -1,0 +1,172 @@
+"""Every codec: round trip on real SmolLM2 KV within its error budget, sizes, specs, bad input."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvmw.errors import BlobError, ConfigError
+from kvmw.quantizers import QUANTIZERS, decode_blob, make_codec
+from kvmw.quantizers.common import pack_bits, unpack_bits
+
+# (spec, min size ratio vs fp16, max relative error of K, of V) on real SmolLM2 KV
+BUDGETS = [
+    ("none", 0.99, 0.0, 0.0),
+    ("zstd", 1.0, 0.0, 0.0),
+    ("int8", 1.95, 0.02, 0.02),
+    ("fp8", 1.95, 0.04, 0.04),
+    ("fp8:head", 1.9, 0.04, 0.04),
+    ("int4", 3.5, 0.2, 0.15),
+    ("kivi4", 3.5, 0.07, 0.13),
+    ("kivi4:g32", 3.1, 0.06, 0.11),
+    ("kivi2", 6.2, 0.3, 0.6),
+    ("kivi2+zstd", 6.0, 0.3, 0.6),
+    ("cachegen", 3.0, 0.1, 0.2),
+    ("cachegen:zstd", 2.8, 0.1, 0.2),
+    ("cachegen:hi4:mid4:lo4", 3.0, 0.07, 0.13),
+]
+
+
+@pytest.fixture(scope="module")
+def real_kv(smollm2):
+    from kvmw.integrations.hf.capture import capture_kv
+    from kvmw.text_data import essay_text
+
+    model, tok = smollm2
+    ids = tok(essay_text(3000), return_tensors="pt").input_ids[0, :256]
+    return capture_kv(model, ids).to(torch.float16)
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("spec,min_ratio,max_k,max_v", BUDGETS)
+def test_codec_on_real_kv(real_kv, spec, min_ratio, max_k, max_v):
+    codec = make_codec(spec)
+    blob = codec.encode(real_kv, "f" * 32)
+    out, meta = decode_blob(bytes(blob), "f" * 32)
+    assert out.shape == real_kv.shape and out.dtype == real_kv.dtype
+    assert real_kv.numel() * 2 / len(blob) >= min_ratio
+    assert rel_err(out[:, 0], real_kv[:, 0]) <= max_k
+    assert rel_err(out[:, 1], real_kv[:, 1]) <= max_v
+    assert meta.codec == codec.quantizer.name and meta.codec_params == {
+        **codec.quantizer.params(), **({"lossless": meta.codec_params["lossless"]} if codec.lossless else {})}
+    # decoding is deterministic and encoding twice gives the same bytes (no stale workspace)
+    assert bytes(codec.encode(real_kv, "f" * 32)) == bytes(blob)
+
+
+@pytest.mark.parametrize("spec", ["int8", "fp8", "int4:g32", "kivi2:g32", "kivi4", "cachegen", "cachegen:zstd"])
+@pytest.mark.parametrize("tokens", [1, 7, 33, 100])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_odd_lengths_and_dtypes(spec, tokens, dtype):
+    torch.manual_seed(tokens)
+    kv = (torch.randn(3, 2, tokens, 2, 32) * torch.linspace(0.1, 4, 32)).to(dtype)
+    out, _ = decode_blob(make_codec(spec).encode(kv, "f" * 32))
+    assert out.shape == kv.shape and out.dtype == dtype
+    assert rel_err(out, kv) < 0.7
+
+
+def test_constant_and_zero_inputs_are_exact_enough():
+    for spec in ["int8", "fp8", "int4", "kivi2", "kivi4", "cachegen"]:
+        zeros = torch.zeros(2, 2, 64, 2, 32, dtype=torch.float16)
+        out, _ = decode_blob(make_codec(spec).encode(zeros, "f" * 32))
+        assert torch.equal(out, zeros), spec
+        const = torch.full((2, 2, 64, 2, 32), 0.75, dtype=torch.float16)
+        out, _ = decode_blob(make_codec(spec).encode(const, "f" * 32))
+        assert (out.float() - 0.75).abs().max() < 0.01, spec
+
+
+def test_kivi_groups_keys_per_channel_so_an_outlier_channel_does_not_hurt_others():
+    torch.manual_seed(0)
+    kv = torch.randn(1, 2, 64, 1, 64)
+    kv[:, 0, :, :, 3] += 100.0  # an outlier key channel, as real keys have
+    k_err_kivi = rel_err(decode_blob(make_codec("kivi4").encode(kv, "f" * 32))[0][:, 0, ..., 4:], kv[:, 0, ..., 4:])
+    k_err_int4 = rel_err(decode_blob(make_codec("int4").encode(kv, "f" * 32))[0][:, 0, ..., 4:], kv[:, 0, ..., 4:])
+    assert k_err_kivi < k_err_int4 / 5
+
+
+def test_cachegen_spends_more_bits_on_early_layers():
+    from kvmw.quantizers.cachegen import CacheGen
+
+    assert CacheGen().layer_bits(30).tolist() == [5] * 10 + [4] * 10 + [3] * 10
+    torch.manual_seed(0)
+    kv = torch.randn(6, 2, 64, 2, 32)
+    out, _ = decode_blob(make_codec("cachegen").encode(kv, "f" * 32))
+    per_layer = [rel_err(out[i], kv[i]) for i in range(6)]
+    assert per_layer[0] < per_layer[2] < per_layer[5]
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_bit_packing_round_trips(bits):
+    codes = torch.randint(0, 1 << bits, (64,), dtype=torch.uint8)
+    packed = pack_bits(codes, bits)
+    assert packed.numel() == 64 * bits // 8
+    assert torch.equal(unpack_bits(packed, bits, 64), codes)
+
+
+def test_spec_errors():
+    for bad in ["int3", "kivi4:g48", "zstd+zstd+zstd", "int8+lz4", "fp8:tensor", "cachegen:hi9", "kivi2:gx"]:
+        with pytest.raises(ConfigError):
+            make_codec(bad)
+    assert make_codec("kivi2:g32+zstd").spec == "kivi2+zstd"
+    assert {"none", "int8", "fp8", "int4", "kivi2", "kivi4", "cachegen"} <= set(QUANTIZERS)
+
+
+SPECS = ["int8", "fp8", "int4", "kivi2", "kivi4+zstd", "cachegen", "cachegen:zstd", "zstd"]
+
+
+@pytest.fixture(scope="module")
+def small_blobs():
+    torch.manual_seed(3)
+    kv = (torch.randn(2, 2, 24, 2, 32) * 3).to(torch.float16)
+    return kv, {s: bytes(make_codec(s).encode(kv, "f" * 32)) for s in SPECS}
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_every_decoder_rejects_damage_with_typed_errors(small_blobs, data):
+    kv, blobs = small_blobs
+    spec = data.draw(st.sampled_from(SPECS))
+    blob = bytearray(blobs[spec])
+    ref, _ = decode_blob(bytes(blob))
+    kind = data.draw(st.sampled_from(["flip", "truncate", "random"]))
+    if kind == "flip":
+        for pos in data.draw(st.lists(st.integers(0, len(blob) - 1), min_size=1, max_size=6)):
+            blob[pos] ^= data.draw(st.integers(1, 255))
+    elif kind == "truncate":
+        blob = blob[: data.draw(st.integers(0, len(blob) - 1))]
+    else:
+        blob = bytearray(data.draw(st.binary(min_size=0, max_size=600)))
+    try:
+        out, _ = decode_blob(bytes(blob))
+    except BlobError:
+        return
+    assert torch.equal(out, ref)  # never a different tensor
+
+
+def test_payload_damage_behind_a_valid_checksum_is_still_typed(small_blobs):
+    """A forged blob (valid frame, garbage payload) must fail typed, not crash: decoders
+    see payloads the checksum vouched for only if someone re-signed them."""
+    from kvmw.blob import parse_blob, pack_blob
+
+    kv, blobs = small_blobs
+    rng = np.random.default_rng(0)
+    for spec in SPECS:
+        parsed = parse_blob(blobs[spec])
+        for trial in range(20):
+            payload = bytearray(parsed.payload)
+            if trial % 2:
+                payload = payload[: rng.integers(0, len(payload))]
+            else:
+                idx = rng.integers(0, len(payload), size=8)
+                payload_arr = np.frombuffer(payload, dtype=np.uint8).copy()
+                payload_arr[idx] ^= rng.integers(1, 255, size=8).astype(np.uint8)
+                payload = bytearray(payload_arr.tobytes())
+            forged = pack_blob(parsed.meta, bytes(payload))
+            try:
+                out, _ = decode_blob(forged)
+            except BlobError:
+                continue
+            assert out.shape == kv.shape  # decoded garbage of the right shape: a forger's problem
