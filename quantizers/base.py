@@ -96,9 +96,14 @@ class Quantizer(Stage):
     def encode(self, kv: torch.Tensor) -> list[Any]:
         """Payload as a list of bytes-like parts (concatenated into the blob once)."""
 
+    #: decode() can produce its output directly on a GPU (compact codes cross PCIe, not fp16)
+    decodes_on_device: ClassVar[bool] = False
+
     @abstractmethod
-    def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """Inverse of `encode`; raises `CorruptBlobError` on a payload it cannot read."""
+    def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype,
+               device: torch.device | None = None) -> torch.Tensor:
+        """Inverse of `encode`; raises `CorruptBlobError` on a payload it cannot read.
+        `device` is only passed to quantizers with `decodes_on_device`."""
 
 
 class Lossless(Stage):
@@ -159,8 +164,9 @@ class Codec:
         return pack_blob(meta, parts)
 
 
-def decode_blob(data: Any, expected_fingerprint: str | None = None) -> tuple[torch.Tensor, BlobMeta]:
-    """Blob -> (canonical KV, meta). Every failure is a typed `BlobError`."""
+def decode_blob(data: Any, expected_fingerprint: str | None = None,
+                device: torch.device | str | None = None) -> tuple[torch.Tensor, BlobMeta]:
+    """Blob -> (canonical KV on `device`, default CPU; meta). Every failure is a typed `BlobError`."""
     blob = parse_blob(data, expected_fingerprint)
     meta = blob.meta
     params = dict(meta.codec_params)
@@ -176,8 +182,12 @@ def decode_blob(data: Any, expected_fingerprint: str | None = None) -> tuple[tor
     shape = meta.shape
     if len(shape) != 5 or shape[1] != 2 or meta.positions.shape[0] != shape[2]:
         raise CorruptBlobError(f"blob shape {shape} / {meta.positions.shape[0]} positions")
-    kv = quantizer.decode(payload, shape, dtype_from_name(meta.dtype))
-    return kv, meta
+    dtype = dtype_from_name(meta.dtype)
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type != "cpu" and quantizer.decodes_on_device:
+        return quantizer.decode(payload, shape, dtype, device), meta
+    kv = quantizer.decode(payload, shape, dtype)
+    return (kv if device is None else kv.to(device)), meta
 
 
 def _build(registry: dict[str, type], name: str, version: Any, params: dict[str, Any]) -> Any:

@@ -116,7 +116,8 @@ class CacheGen(Quantizer):
             coder.encode_reverse((symbols[s] - lo[s]).astype(np.int32), model)
         return [np.stack([lo, hi], axis=1).astype(np.uint8), np.concatenate(tables), coder.get_compressed()]
 
-    def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype,
+               device: torch.device | None = None) -> torch.Tensor:
         L = shape[0]
         S, T, ng, C = self._dims(shape)
         g = self.group

@@ -61,7 +61,8 @@ class FP8(Quantizer):
         codes.copy_(x)
         return [tensor_bytes(codes.view(torch.uint8)), tensor_bytes(scale)]
 
-    def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype,
+               device: torch.device | None = None) -> torch.Tensor:
         rows, cols = self._rows(shape)
         cb, sb = split_payload(payload, [rows * cols, rows * 2])
         codes = np.frombuffer(cb, dtype=np.uint8)

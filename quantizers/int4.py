@@ -46,11 +46,12 @@ def quantize_groups(x: torch.Tensor, bits: int, ws: Workspace, tag: str) -> tupl
 
 
 def dequantize_groups(codes: torch.Tensor, mn: torch.Tensor, step: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out[N, G] = min + code * step, computed in fp32, written in out's dtype."""
-    torch.addcmul(mn.float()[:, None], codes.float(), step.float()[:, None], out=out) \
-        if out.dtype == torch.float32 else \
-        out.copy_(torch.addcmul(mn.float()[:, None], codes.float(), step.float()[:, None]))
-    return out
+    """out[N, G] = code * step + min in fp32 (a multiply then an add, no FMA: the
+    Triton kernel does the same), written in out's dtype."""
+    if out.dtype == torch.float32:
+        out.copy_(codes)
+        return out.mul_(step.float()[:, None]).add_(mn.float()[:, None])
+    return out.copy_(codes.float().mul_(step.float()[:, None]).add_(mn.float()[:, None]))
 
 
 @register_quantizer
@@ -89,11 +90,19 @@ class Int4(Quantizer):
         codes, mn, step = quantize_groups(x, 4, self._ws, "codes")
         return [tensor_bytes(pack_bits(codes, 4)), tensor_bytes(mn), tensor_bytes(step)]
 
-    def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    decodes_on_device = True
+
+    def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype,
+               device: torch.device | None = None) -> torch.Tensor:
         n = self._groups(shape)
         pb, mb, sb = split_payload(payload, [n * self.group // 2, n * 2, n * 2])
-        codes = unpack_bits(as_tensor(pb, torch.uint8, (n * self.group // 2,)), 4, n * self.group)
+        packed = as_tensor(pb, torch.uint8, (n * self.group // 2,))
+        mn, step = as_tensor(mb, torch.float16, (n,)), as_tensor(sb, torch.float16, (n,))
+        if device is not None or triton_kernels.use_triton(packed):
+            target = device or packed.device
+            return triton_kernels.group_dequantize(packed.to(target), mn.to(target), step.to(target), 4,
+                                                   self.group, dtype).view(shape)
+        codes = unpack_bits(packed, 4, n * self.group)
         out = torch.empty((n, self.group), dtype=dtype)
-        dequantize_groups(codes.view(n, self.group), as_tensor(mb, torch.float16, (n,)),
-                          as_tensor(sb, torch.float16, (n,)), out)
+        dequantize_groups(codes.view(n, self.group), mn, step, out)
         return out.view(shape)

@@ -37,7 +37,7 @@ class Int8(Quantizer):
             return [tensor_bytes(q), tensor_bytes(scale)]
         x = self._ws.get("x", (rows, cols), torch.float32)
         x.copy_(src)
-        amax = torch.maximum(x.amax(dim=1), x.amin(dim=1).neg_())  # 2 fast passes, no abs copy
+        amax = torch.maximum(x.amax(dim=1), x.amin(dim=1).neg_()).abs_()  # 2 fast passes; abs: -0 -> +0
         scale = (amax / 127.0).to(torch.float16)
         s = scale.float()
         s.masked_fill_(s == 0, 1.0)
@@ -47,11 +47,22 @@ class Int8(Quantizer):
         q.copy_(x)
         return [tensor_bytes(q), tensor_bytes(scale)]
 
-    def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    decodes_on_device = True
+
+    def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype,
+               device: torch.device | None = None) -> torch.Tensor:
         rows, cols = _rows(shape)
         qb, sb = split_payload(payload, [rows * cols, rows * 2])
         q = as_tensor(qb, torch.int8, (rows, cols))
         scale = as_tensor(sb, torch.float16, (rows, 1))
+        if device is not None or triton_kernels.use_triton(q):
+            target = device or q.device
+            return triton_kernels.int8_dequantize(q.to(target), scale.to(target), dtype).view(shape)
         out = torch.empty((rows, cols), dtype=dtype)
-        torch.mul(q, scale.to(dtype) if dtype != torch.float16 else scale, out=out)
+        if dtype == torch.float16:  # int8 x fp16 is exact in fp32: one rounding, same as the kernel
+            torch.mul(q, scale, out=out)
+        elif dtype == torch.float32:
+            torch.mul(q, scale.float(), out=out)
+        else:
+            out.copy_(q.float().mul_(scale.float()))
         return out.view(shape)

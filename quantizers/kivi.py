@@ -70,7 +70,9 @@ class Kivi(Quantizer):
         k = kv[:, 0].reshape(L, T, C)
         v = kv[:, 1].reshape(L * T * C // G, G)
         if triton_kernels.use_triton(kv):
-            kq = triton_kernels.group_quantize(self.key_rows(k).to(kv.device), self.bits)
+            pad = k[:, -1:].expand(L, tp - T, C)
+            krows = torch.cat([k, pad], dim=1).view(L, tp // G, G, C).transpose(2, 3).reshape(-1, G)
+            kq = triton_kernels.group_quantize(krows, self.bits)
             vq = triton_kernels.group_quantize(v, self.bits)
             return [tensor_bytes(t) for t in (*kq, *vq)]
         out: list[Any] = []
@@ -82,20 +84,29 @@ class Kivi(Quantizer):
             out += [tensor_bytes(pack_bits(codes, self.bits)), tensor_bytes(mn), tensor_bytes(step)]
         return out
 
-    def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    decodes_on_device = True
+
+    def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype,
+               device: torch.device | None = None) -> torch.Tensor:
         L, T, C, tp, G = self._dims(shape)
         kp, kmn, kst, vp, vmn, vst = split_payload(payload, self._sizes(shape))
         nk, nv = L * (tp // G) * C, L * T * C // G
-        out = torch.empty(shape, dtype=dtype)
-        kc = unpack_bits(as_tensor(kp, torch.uint8, (kp.nbytes,)), self.bits, nk * G).view(nk, G)
-        krows = dequantize_groups(kc, as_tensor(kmn, torch.float16, (nk,)),
-                                  as_tensor(kst, torch.float16, (nk,)),
-                                  self._ws.get("kd", (nk, G), torch.float32))
+        kparts = (as_tensor(kp, torch.uint8, (kp.nbytes,)), as_tensor(kmn, torch.float16, (nk,)),
+                  as_tensor(kst, torch.float16, (nk,)))
+        vparts = (as_tensor(vp, torch.uint8, (vp.nbytes,)), as_tensor(vmn, torch.float16, (nv,)),
+                  as_tensor(vst, torch.float16, (nv,)))
+        on_kernel = device is not None or triton_kernels.use_triton(kparts[0])
+        target = device or torch.device("cpu")
+        out = torch.empty(shape, dtype=dtype, device=target)
+        if on_kernel:
+            krows = triton_kernels.group_dequantize(*(t.to(target) for t in kparts), self.bits, G, torch.float32)
+            vrows = triton_kernels.group_dequantize(*(t.to(target) for t in vparts), self.bits, G, torch.float32)
+        else:
+            kc = unpack_bits(kparts[0], self.bits, nk * G).view(nk, G)
+            krows = dequantize_groups(kc, kparts[1], kparts[2], self._ws.get("kd", (nk, G), torch.float32))
+            vc = unpack_bits(vparts[0], self.bits, nv * G).view(nv, G)
+            vrows = dequantize_groups(vc, vparts[1], vparts[2], self._ws.get("vd", (nv, G), torch.float32))
         out[:, 0].copy_(krows.view(L, tp // G, C, G).transpose(2, 3).reshape(L, tp, *shape[3:])[:, :T])
-        vc = unpack_bits(as_tensor(vp, torch.uint8, (vp.nbytes,)), self.bits, nv * G).view(nv, G)
-        vrows = dequantize_groups(vc, as_tensor(vmn, torch.float16, (nv,)),
-                                  as_tensor(vst, torch.float16, (nv,)),
-                                  self._ws.get("vd", (nv, G), torch.float32))
         out[:, 1].copy_(vrows.view(L, T, *shape[3:]))
         return out
 

@@ -16,5 +16,6 @@ class NoneQuantizer(Quantizer):
     def encode(self, kv: torch.Tensor) -> list[Any]:
         return [tensor_bytes(kv)]
 
-    def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype,
+               device: torch.device | None = None) -> torch.Tensor:
         return tensor_from_bytes(payload, dtype, shape)

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CPU tensors
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any `import triton`
 
 from kvmw.fingerprint import ModelFingerprint  # noqa: E402
 from kvmw.storage_tiers.redis_server import HOW_TO, RedisProcess, default_url, host_port, ping  # noqa: E402
