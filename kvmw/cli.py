@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-BENCHES = {"tiers": "kvmw.bench.tiers"}
+BENCHES = {"tiers": "kvmw.bench.tiers", "codecs": "kvmw.bench.codecs"}
 
 
 def _bench_module(name: str):
@@ -44,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return inspect_store(args.config, args.tiers, args.limit)
     if args.command == "bench":
-        _bench_module(args.bench).run(args)
+        module = _bench_module(args.bench)
+        if hasattr(module, "finalize_args"):
+            module.finalize_args(args)
+        module.run(args)
         return 0
     if args.command == "demo":
         return demo.run(args)
