@@ -93,8 +93,9 @@ class Quantizer(Stage):
     """Stage 1: canonical KV [L, 2, T, H, D] <-> payload bytes."""
 
     @abstractmethod
-    def encode(self, kv: torch.Tensor) -> list[Any]:
-        """Payload as a list of bytes-like parts (concatenated into the blob once)."""
+    def encode(self, kv: torch.Tensor, positions: np.ndarray | None = None) -> list[Any]:
+        """Payload as a list of bytes-like parts (concatenated into the blob once).
+        `positions`: RoPE positions of the tokens, for codecs that treat some specially."""
 
     #: decode() can produce its output directly on a GPU (compact codes cross PCIe, not fp16)
     decodes_on_device: ClassVar[bool] = False
@@ -150,7 +151,7 @@ class Codec:
         elif hasattr(positions, "detach"):
             positions = positions.detach().cpu().numpy()
         params = self.quantizer.params()
-        parts = self.quantizer.encode(kv)
+        parts = self.quantizer.encode(kv, np.asarray(positions))
         if self.lossless is not None:
             parts = [self.lossless.compress(parts, kv.element_size())]
             params = {**params, "lossless": {"name": self.lossless.name,

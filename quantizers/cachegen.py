@@ -71,7 +71,7 @@ class CacheGen(Quantizer):
         ng = -(-T // self.group)
         return L * two, T, ng, H * D
 
-    def encode(self, kv: torch.Tensor) -> list[Any]:
+    def encode(self, kv: torch.Tensor, positions: np.ndarray | None = None) -> list[Any]:
         L = kv.shape[0]
         S, T, ng, C = self._dims(tuple(kv.shape))
         g = self.group

@@ -48,7 +48,7 @@ class FP8(Quantizer):
         L, two, T, H, D = shape
         return (L * two * T, H * D) if self.scale == "token" else (L * two * T * H, D)
 
-    def encode(self, kv: torch.Tensor) -> list[Any]:
+    def encode(self, kv: torch.Tensor, positions: np.ndarray | None = None) -> list[Any]:
         rows, cols = self._rows(tuple(kv.shape))
         x = self._ws.get("x", (rows, cols), torch.float32)
         x.copy_(kv.reshape(rows, cols))

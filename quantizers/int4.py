@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from kvmw.quantizers import triton_kernels
@@ -80,7 +81,7 @@ class Int4(Quantizer):
             raise ValueError(f"kv_heads*head_dim={shape[3] * shape[4]} not a multiple of group {self.group}")
         return n // self.group
 
-    def encode(self, kv: torch.Tensor) -> list[Any]:
+    def encode(self, kv: torch.Tensor, positions: np.ndarray | None = None) -> list[Any]:
         n = self._groups(tuple(kv.shape))
         if triton_kernels.use_triton(kv):
             packed, mn, step = triton_kernels.group_quantize(kv.reshape(n, self.group), 4)

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from kvmw.quantizers import triton_kernels
+from kvmw.errors import CorruptBlobError
 from kvmw.quantizers.base import Quantizer, register_quantizer, tensor_bytes
 from kvmw.quantizers.common import Workspace, as_tensor, int_opt, pack_bits, packed_len, split_payload, unpack_bits
 from kvmw.quantizers.int4 import dequantize_groups, quantize_groups
@@ -25,20 +27,38 @@ GROUPS = (16, 32, 64, 128)
 
 class Kivi(Quantizer):
     bits: int
-    options = frozenset({"g"})
+    options = frozenset({"g", "s"})
 
-    def __init__(self, group: int = 64) -> None:
+    def __init__(self, group: int = 64, sinks: int = 4) -> None:
         if group not in GROUPS:
             raise ValueError(f"kivi group must be one of {GROUPS}")
-        self.group = group
+        if not 0 <= sinks <= 64:
+            raise ValueError(f"kivi sinks must be 0..64, got {sinks}")
+        self.group, self.sinks = group, sinks
         self._ws = Workspace()
 
     def params(self) -> dict[str, Any]:
-        return {"group": self.group}
+        return {"group": self.group, "sinks": self.sinks}
 
     @classmethod
     def from_spec(cls, opts: dict[str, str]) -> "Kivi":
-        return cls(group=int_opt(opts, "g", 64, GROUPS))
+        return cls(group=int_opt(opts, "g", 64, GROUPS), sinks=int_opt(opts, "s", 4))
+
+    def encode(self, kv: torch.Tensor, positions: np.ndarray | None = None) -> list[Any]:
+        """Attention-sink tokens (positions < `sinks`, which lead the first chunk of a
+        sequence) are stored exact: at 2 bits they carry most of the damage (Qwen-0.5B,
+        kivi2:g32+zstd: +11.6% perplexity with the sink quantized, +5.2% without). In the
+        quantized body they are replaced by the first non-sink token, so their large
+        values neither stretch a group's range nor break the group alignment."""
+        keep = 0
+        if positions is not None and self.sinks:
+            keep = min(int(np.argmin(np.append(positions < self.sinks, False))), kv.shape[2])
+        head = np.array([keep], dtype="<u2")
+        body = kv
+        if 0 < keep < kv.shape[2]:
+            body = kv.clone()
+            body[:, :, :keep] = kv[:, :, keep:keep + 1]
+        return [head, tensor_bytes(kv[:, :, :keep]), *self._encode_quantized(body)]
 
     def _dims(self, shape: tuple[int, ...]) -> tuple[int, int, int, int, int]:
         L, _, T, H, D = shape
@@ -65,7 +85,7 @@ class Kivi(Quantizer):
             x[:, -1].copy_(tail.transpose(1, 2))
         return x.view(-1, G)
 
-    def encode(self, kv: torch.Tensor) -> list[Any]:
+    def _encode_quantized(self, kv: torch.Tensor) -> list[Any]:
         L, T, C, tp, G = self._dims(tuple(kv.shape))
         k = kv[:, 0].reshape(L, T, C)
         v = kv[:, 1].reshape(L * T * C // G, G)
@@ -88,6 +108,22 @@ class Kivi(Quantizer):
 
     def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype,
                device: torch.device | None = None) -> torch.Tensor:
+        if payload.nbytes < 2:
+            raise CorruptBlobError("kivi payload too short")
+        keep = int(np.frombuffer(payload[:2], dtype="<u2")[0])
+        L, _, T, H, D = shape
+        if keep > T:
+            raise CorruptBlobError(f"kivi keeps {keep} exact tokens of {T}")
+        raw = keep * L * 2 * H * D * torch.empty((), dtype=dtype).element_size()
+        if payload.nbytes < 2 + raw:
+            raise CorruptBlobError("kivi payload too short for its exact tokens")
+        out = self._decode_quantized(payload[2 + raw:], shape, dtype, device)
+        if keep:
+            out[:, :, :keep] = as_tensor(payload[2:2 + raw], dtype, (L, 2, keep, H, D)).to(out.device)
+        return out
+
+    def _decode_quantized(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype,
+                          device: torch.device | None) -> torch.Tensor:
         L, T, C, tp, G = self._dims(shape)
         kp, kmn, kst, vp, vmn, vst = split_payload(payload, self._sizes(shape))
         nk, nv = L * (tp // G) * C, L * T * C // G

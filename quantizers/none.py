@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from kvmw.quantizers.base import Quantizer, register_quantizer, tensor_bytes, tensor_from_bytes
@@ -13,7 +14,7 @@ from kvmw.quantizers.base import Quantizer, register_quantizer, tensor_bytes, te
 class NoneQuantizer(Quantizer):
     name = "none"
 
-    def encode(self, kv: torch.Tensor) -> list[Any]:
+    def encode(self, kv: torch.Tensor, positions: np.ndarray | None = None) -> list[Any]:
         return [tensor_bytes(kv)]
 
     def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype,

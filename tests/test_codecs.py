@@ -15,6 +15,7 @@ BUDGETS = [
     ("none", 0.99, 0.0, 0.0),
     ("zstd", 1.0, 0.0, 0.0),
     ("int8", 1.95, 0.02, 0.02),
+    ("int8:ktoken", 1.95, 0.02, 0.02),
     ("fp8", 1.95, 0.04, 0.04),
     ("fp8:head", 1.9, 0.04, 0.04),
     ("int4", 3.5, 0.2, 0.15),
@@ -45,7 +46,8 @@ def rel_err(a, b):
 @pytest.mark.parametrize("spec,min_ratio,max_k,max_v", BUDGETS)
 def test_codec_on_real_kv(real_kv, spec, min_ratio, max_k, max_v):
     codec = make_codec(spec)
-    blob = codec.encode(real_kv, "f" * 32)
+    positions = np.arange(256, 512)  # a chunk after the first: no attention-sink tokens
+    blob = codec.encode(real_kv, "f" * 32, positions=positions)
     out, meta = decode_blob(bytes(blob), "f" * 32)
     assert out.shape == real_kv.shape and out.dtype == real_kv.dtype
     assert real_kv.numel() * 2 / len(blob) >= min_ratio
@@ -54,7 +56,7 @@ def test_codec_on_real_kv(real_kv, spec, min_ratio, max_k, max_v):
     assert meta.codec == codec.quantizer.name and meta.codec_params == {
         **codec.quantizer.params(), **({"lossless": meta.codec_params["lossless"]} if codec.lossless else {})}
     # decoding is deterministic and encoding twice gives the same bytes (no stale workspace)
-    assert bytes(codec.encode(real_kv, "f" * 32)) == bytes(blob)
+    assert bytes(codec.encode(real_kv, "f" * 32, positions=positions)) == bytes(blob)
 
 
 @pytest.mark.parametrize("spec", ["int8", "fp8", "int4:g32", "kivi2:g32", "kivi4", "cachegen", "cachegen:zstd"])
@@ -96,6 +98,18 @@ def test_cachegen_spends_more_bits_on_early_layers():
     out, _ = decode_blob(make_codec("cachegen").encode(kv, "f" * 32))
     per_layer = [rel_err(out[i], kv[i]) for i in range(6)]
     assert per_layer[0] < per_layer[2] < per_layer[5]
+
+
+@pytest.mark.parametrize("spec", ["kivi2", "kivi4:g32"])
+def test_kivi_keeps_attention_sinks_exact_only_at_the_sequence_start(real_kv, spec):
+    first, _ = decode_blob(make_codec(spec).encode(real_kv, "f" * 32, positions=np.arange(256)))
+    assert torch.equal(first[:, :, :4], real_kv[:, :, :4]) and not torch.equal(first[:, :, 4], real_kv[:, :, 4])
+    later, _ = decode_blob(make_codec(spec).encode(real_kv, "f" * 32, positions=np.arange(256, 512)))
+    assert not torch.equal(later[:, :, :4], real_kv[:, :, :4])
+    assert rel_err(first[:, :, 4:], real_kv[:, :, 4:]) < rel_err(later[:, :, 4:], real_kv[:, :, 4:])
+    tiny = real_kv[:, :, :3]  # a chunk made only of sinks
+    out, _ = decode_blob(make_codec(spec).encode(tiny, "f" * 32, positions=np.arange(3)))
+    assert torch.equal(out, tiny)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])

@@ -18,7 +18,7 @@ def _both(monkeypatch, fn):
     return ref, got
 
 
-@pytest.mark.parametrize("spec", ["int8", "int4:g32", "int4:g64", "kivi2:g32", "kivi4:g16", "kivi4:g32"])
+@pytest.mark.parametrize("spec", ["int8", "int8:ktoken", "int4:g32", "int4:g64", "kivi2:g32", "kivi4:g16", "kivi4:g32"])
 @pytest.mark.parametrize("tokens", [16, 21])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_same_bytes_as_torch(monkeypatch, spec, tokens, dtype):

@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from kvmw.bench.common import gbps, machine, median_seconds, print_table, write_json
 from kvmw.memory import allocator_setting, tune_allocator
 
-DEFAULT_CODECS = ["none", "none+zstd:shuffle", "fp8", "int8", "int8+zstd", "int4", "kivi4", "kivi4:g32",
-                  "kivi2", "kivi2+zstd", "cachegen", "cachegen:zstd", "cachegen:hi4:mid4:lo4"]
+DEFAULT_CODECS = ["none", "none+zstd:shuffle", "fp8", "int8", "int8:ktoken", "int8+zstd", "int4", "kivi4",
+                  "kivi4:g32", "kivi2", "kivi2+zstd", "kivi2:g32+zstd", "cachegen", "cachegen:zstd",
+                  "cachegen:hi4:mid4:lo4"]
 CHUNK = 256
 STEPS = 64
 
@@ -69,8 +70,9 @@ def _round_trip(codec: Any, kv: torch.Tensor) -> tuple[torch.Tensor, int]:
     from kvmw.quantizers import decode_blob
 
     out, stored = [], 0
-    for chunk in kv.split(CHUNK, dim=2):
-        blob = codec.encode(chunk.contiguous(), "f" * 32)
+    for i, chunk in enumerate(kv.split(CHUNK, dim=2)):
+        positions = torch.arange(i * CHUNK, i * CHUNK + chunk.shape[2])
+        blob = codec.encode(chunk.contiguous(), "f" * 32, positions=positions)
         stored += len(blob)
         out.append(decode_blob(blob)[0])
     return torch.cat(out, dim=2).float(), stored
@@ -199,7 +201,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", choices=["smollm2", "qwen0.5b"])
     p.add_argument("--codecs", nargs="+", default=DEFAULT_CODECS)
     p.add_argument("--context", type=int, default=1024, help="context tokens that get compressed")
-    p.add_argument("--held-out", type=int, default=256, help="held-out tokens for perplexity")
+    p.add_argument("--held-out", type=int, default=512, help="held-out tokens for perplexity")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per speed cell (x3 for 3 MiB)")
     p.add_argument("--json", default="")
     p.add_argument("--plot", default="", help="PNG of ratio vs quality (default: next to --json)")
