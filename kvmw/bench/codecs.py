@@ -34,7 +34,7 @@ from kvmw.bench.common import gbps, machine, median_seconds, print_table, write_
 from kvmw.memory import allocator_setting, tune_allocator
 
 DEFAULT_CODECS = ["none", "none+zstd:shuffle", "fp8", "int8", "int8:ktoken", "int8+zstd", "int4", "kivi4",
-                  "kivi4:g32", "kivi2", "kivi2+zstd", "kivi2:g32+zstd", "cachegen", "cachegen:zstd",
+                  "kivi4:g32", "kivi2", "kivi2+zstd", "kivi2:g64+zstd", "cachegen", "cachegen:zstd",
                   "cachegen:hi4:mid4:lo4"]
 CHUNK = 256
 STEPS = 64
