@@ -52,6 +52,7 @@ test: setup models redis
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: setup redis
+	@HF_HUB_OFFLINE=1 $(PY) -m kvmw.integrations.hf.models install smollm2 qwen0.5b
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 bench: setup models redis

@@ -139,6 +139,10 @@ class Codec:
     lossless: Lossless | None = None
 
     @property
+    def is_lossless(self) -> bool:
+        return self.quantizer.name == "none"
+
+    @property
     def spec(self) -> str:
         return self.quantizer.name + (f"+{self.lossless.name}" if self.lossless else "")
 
