@@ -105,6 +105,10 @@ class TieredStore:
     # ---- reads ------------------------------------------------------------------------
     def get(self, key: str, expected_fingerprint: str | None = None) -> BytesLike | None:
         """The blob under `key` from the fastest tier that has a valid copy, or None."""
+        return self.fetch(key, expected_fingerprint)[0]
+
+    def fetch(self, key: str, expected_fingerprint: str | None = None) -> tuple[BytesLike | None, str | None]:
+        """Like `get`, plus the name of the tier that answered."""
         for i, tier in enumerate(self.tiers):
             ok, blob = self.guarded(tier, "get", key)
             if not ok or blob is None:
@@ -115,10 +119,10 @@ class TieredStore:
                 self.guarded(upper, "put", key, blob)
             with self._lock:
                 self.counts["hits"] += 1
-            return blob
+            return blob, tier.name
         with self._lock:
             self.counts["misses"] += 1
-        return None
+        return None, None
 
     def _valid(self, tier: Tier, key: str, blob: BytesLike, fingerprint: str | None) -> bool:
         try:

@@ -1,1 +1,5 @@
-"""HuggingFace transformers integration: model install, KV capture (generate hook and Cache come later)."""
+"""HuggingFace transformers integration: `KVMW` generate hook, model install, KV capture."""
+
+from kvmw.integrations.hf.hook import KVMW, HookStats, UnsupportedInputError
+
+__all__ = ["KVMW", "HookStats", "UnsupportedInputError"]

@@ -1,0 +1,191 @@
+"""`KVMW`: prefix reuse for `model.generate` through the tiered store.
+
+On each call: hash the prompt's full chunks into a prefix chain, ask the store
+how many leading chunks it holds (one batched lookup per tier), load and decode
+them into a transformers `DynamicCache`, let `generate` compute only the rest
+of the prompt, then encode and store the prompt chunks that were computed.
+
+Anything that goes wrong while loading (a corrupt or foreign blob, a tier that
+dies mid-load) shortens the reused prefix to the chunks that did load; the
+rest is recomputed, so the answer never depends on the cache's health.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kvmw.config import KVMWConfig
+from kvmw.errors import BlobError, KVMWError
+from kvmw.fingerprint import ModelFingerprint
+from kvmw.keys import KeySpace
+from kvmw.layout import from_hf_layers, split_tokens, to_hf_layers
+
+log = logging.getLogger("kvmw.hf")
+
+
+class UnsupportedInputError(KVMWError, ValueError):
+    """The hook serves one sequence at a time, without padding."""
+
+
+@dataclass
+class HookStats:
+    requests: int = 0
+    chunk_hits: int = 0
+    chunk_misses: int = 0
+    tokens_reused: int = 0
+    tokens_computed: int = 0
+    chunks_stored: int = 0
+    load_failures: int = 0
+    load_seconds: float = 0.0
+    store_seconds: float = 0.0
+    bytes_loaded: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["bytes_loaded"] = dict(self.bytes_loaded)
+        return d
+
+
+class KVMW:
+    """Prefix reuse for a transformers causal LM (Llama, Qwen2, Mistral families).
+
+    `generate(prompt, **kw)` takes text (needs `tokenizer`), a list of ids, or a
+    [T] / [1, T] tensor, plus any `generate` keyword arguments; `attach()` makes
+    a plain `model.generate(...)` go through it. Batch size 1 only.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any = None, config: KVMWConfig | None = None,
+                 store: Any = None) -> None:
+        from kvmw.quantizers import make_codec
+        from kvmw.storage_tiers import build_store
+
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or KVMWConfig.load()
+        self.fingerprint = ModelFingerprint.from_hf(model)
+        self.keyspace = KeySpace(self.fingerprint, self.config.chunk_size, self.config.cache_salt)
+        self.codec = make_codec(self.config.codec)
+        self.store = store if store is not None else build_store(self.config)
+        self._stats = HookStats()
+        self._original_generate = None
+
+    # ---- wiring ---------------------------------------------------------------------
+    def attach(self) -> "KVMW":
+        """Route `model.generate` through kvmw (undo with `detach`)."""
+        if self._original_generate is None:
+            self._original_generate = self.model.generate
+            self.model.generate = self.generate
+        return self
+
+    def detach(self) -> None:
+        if self._original_generate is not None:
+            self.model.generate = self._original_generate
+            self._original_generate = None
+
+    def _generate_fn(self):
+        return self._original_generate or self.model.generate
+
+    def stats(self) -> dict[str, Any]:
+        return self._stats.as_dict()
+
+    def close(self) -> None:
+        self.detach()
+        self.store.close()
+
+    # ---- the call -------------------------------------------------------------------
+    def generate(self, inputs: Any = None, **kwargs: Any) -> Any:
+        ids = self._input_ids(inputs, kwargs)
+        if "past_key_values" in kwargs:  # the caller manages its own cache: stay out of the way
+            return self._generate_fn()(ids, **kwargs)
+        self._stats.requests += 1
+        n_tokens = ids.shape[1]
+        keys = self.keyspace.prefix_keys(ids[0])
+        cache, reused, n_loaded = self._load_prefix(keys, n_tokens)
+        self._stats.tokens_reused += reused
+        self._stats.tokens_computed += n_tokens - reused
+        out = self._generate_fn()(ids.to(self.model.device), past_key_values=cache, **kwargs)
+        self._store_new_chunks(cache, keys, n_loaded)
+        return out
+
+    def _input_ids(self, inputs: Any, kwargs: dict[str, Any]) -> torch.Tensor:
+        if inputs is None:
+            inputs = kwargs.pop("input_ids", None)
+        mask = kwargs.pop("attention_mask", None)
+        if isinstance(inputs, str):
+            if self.tokenizer is None:
+                raise UnsupportedInputError("text input needs the tokenizer passed to KVMW(...)")
+            inputs = self.tokenizer(inputs, return_tensors="pt").input_ids
+        ids = torch.as_tensor(inputs)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.shape[0] != 1:
+            raise UnsupportedInputError(f"kvmw serves batch size 1; got input of shape {tuple(ids.shape)} "
+                                        "(call once per sequence)")
+        if mask is not None and not bool(torch.as_tensor(mask).all()):
+            raise UnsupportedInputError("padded input (attention_mask with zeros) is not supported; "
+                                        "pass the unpadded sequence")
+        if ids.shape[1] == 0:
+            raise UnsupportedInputError("empty prompt")
+        return ids.long()
+
+    def _load_prefix(self, keys: list[str], n_tokens: int) -> tuple[Any, int, int]:
+        """A DynamicCache holding the longest loadable stored prefix, its length in
+        tokens (at most n_tokens - 1: generate must compute one prompt token) and
+        the number of chunks loaded."""
+        from transformers import DynamicCache
+
+        from kvmw.quantizers import decode_blob
+
+        t0 = time.perf_counter()
+        cache = DynamicCache(config=self.model.config)
+        hits = self.store.prefix_hits(keys)
+        self._stats.chunk_misses += len(keys) - hits
+        loaded: list[torch.Tensor] = []
+        param = next(self.model.parameters())
+        for key in keys[:hits]:
+            blob, tier = self.store.fetch(key, self.fingerprint.digest)
+            if blob is None:
+                self._stats.load_failures += 1
+                break
+            try:
+                kv, _ = decode_blob(blob, self.fingerprint.digest, device=param.device)
+            except BlobError as e:  # the store checked the frame; the payload can still be bad
+                log.warning("kvmw: chunk %s did not decode (%s); recomputing from there", key, e)
+                self.store.delete(key)
+                self._stats.load_failures += 1
+                break
+            loaded.append(kv)
+            self._stats.bytes_loaded[tier] += memoryview(blob).nbytes
+        self._stats.chunk_hits += len(loaded)
+        reused = 0
+        if loaded:
+            kv = torch.cat(loaded, dim=2).to(param.dtype)
+            reused = min(kv.shape[2], n_tokens - 1)
+            for i, (k, v) in enumerate(to_hf_layers(kv[:, :, :reused])):
+                cache.update(k.contiguous(), v.contiguous(), i)
+        self._stats.load_seconds += time.perf_counter() - t0
+        return cache, reused, len(loaded)
+
+    def _store_new_chunks(self, cache: Any, keys: list[str], first_new: int) -> None:
+        """Encode and store the prompt's full chunks this call computed."""
+        if first_new >= len(keys):
+            return
+        t0 = time.perf_counter()
+        cs = self.config.chunk_size
+        start, end = first_new * cs, len(keys) * cs
+        layers = cache.layers
+        kv = from_hf_layers([layer.keys[:, :, start:end] for layer in layers],
+                            [layer.values[:, :, start:end] for layer in layers])
+        for i, chunk in enumerate(split_tokens(kv, cs)):
+            index = first_new + i
+            positions = torch.arange(index * cs, (index + 1) * cs)
+            blob = self.codec.encode(chunk, self.fingerprint.digest, positions=positions)
+            self.store.put(keys[index], blob, cost=float((index + 1) * cs))
+            self._stats.chunks_stored += 1
+        self._stats.store_seconds += time.perf_counter() - t0
