@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-BENCHES = {"tiers": "kvmw.bench.tiers", "codecs": "kvmw.bench.codecs"}
+BENCHES = {"tiers": "kvmw.bench.tiers", "codecs": "kvmw.bench.codecs", "prefix": "kvmw.bench.prefix"}
 
 
 def _bench_module(name: str):

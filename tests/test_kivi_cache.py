@@ -21,7 +21,7 @@ def test_keys_are_quantized_in_whole_blocks_even_when_decoding_one_token_at_a_ti
     feed(layer, k, v, first=1)  # the pitfall: tokens arrive one by one
     assert layer.quantized_tokens % 32 == 0 and layer.quantized_tokens > 250
     assert 64 <= layer.keys.shape[2] < 64 + 32  # fp residual: R..R+G-1 newest tokens
-    assert layer.k_min.shape[0] * 32 == layer.quantized_tokens  # one min/step per channel per block
+    assert layer.k_min.shape[1] * 32 == layer.quantized_tokens  # one min/step per channel per block
     fp_bytes = 2 * k.numel() * 4
     assert layer.nbytes() < 0.35 * fp_bytes  # really quantized, not silently kept in fp
 
@@ -33,9 +33,9 @@ def test_history_is_append_only_and_never_requantized():
     k1, _ = feed(layer, k[:, :, :200], v[:, :, :200], first=150)
     codes = layer.k_codes.clone()
     k2, _ = feed(layer, k, v, first=200)
-    assert torch.equal(layer.k_codes[: codes.shape[0]], codes)
+    assert torch.equal(layer.k_codes[:, : codes.shape[1]], codes)
     # tokens quantized at the first checkpoint read back identically later (no drift)
-    n = codes.shape[0] * 32
+    n = codes.shape[1] * 32
     assert torch.equal(k1[:, :, :n], k2[:, :, :n])
 
 

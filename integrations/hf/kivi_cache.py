@@ -28,11 +28,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from kvmw.quantizers.common import Workspace, pack_bits, unpack_bits
-from kvmw.quantizers.int4 import quantize_groups
+from kvmw.quantizers.common import Workspace, pack_bits
 
 
 class KIVILayer(DynamicLayer):
@@ -52,8 +52,9 @@ class KIVILayer(DynamicLayer):
         self._clear_quantized()
 
     def _clear_quantized(self) -> None:
-        # keys: [blocks, H, D, G*bits/8] codes and [blocks, H, D] min/step (block-major: appends are cats)
-        # values: [T, H, D/G, G*bits/8] codes and [T, H, D/G] min/step (token-major)
+        # Stored head-major so that dequantizing yields [H, T, D] with no transpose:
+        # keys   codes [H, nb, G, D] (packed along D), min/step [H, nb, 1, D] (per channel per block)
+        # values codes [H, T, D/G, G] (packed along G), min/step [H, T, D/G, 1] (per token per group)
         self.k_codes = self.k_min = self.k_step = None
         self.v_codes = self.v_min = self.v_step = None
         self.quantized_tokens = 0
@@ -67,46 +68,76 @@ class KIVILayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.cumulative_length
 
-    def _quantize(self, x: torch.Tensor, rows_shape: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
-        rows = self._ws.get("rows", (x.numel() // self.group, self.group), torch.float32)
-        rows.copy_(x.reshape(-1, self.group))
-        codes, mn, step = quantize_groups(rows, self.bits, self._ws, "codes")
-        packed = pack_bits(codes, self.bits).view(*rows_shape, self.group * self.bits // 8)
-        return packed.clone(), mn.view(rows_shape).clone(), step.view(rows_shape).clone()
+    def _quantize(self, x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Asymmetric `bits`-bit quantization of x (fp32) over `dim`: (packed codes, min, step)."""
+        levels = (1 << self.bits) - 1
+        mn = x.amin(dim=dim, keepdim=True).to(torch.float16)
+        step = ((x.amax(dim=dim, keepdim=True) - mn.float()) / levels).to(torch.float16)
+        s = step.float().masked_fill_(step == 0, 1.0)
+        codes = x.sub(mn.float()).div_(s).add_(0.5).floor_().clamp_(0, levels).to(torch.uint8)
+        packed = pack_bits(codes.reshape(-1), self.bits).view(*codes.shape[:-1], -1)
+        return packed, mn, step
 
     def _flush(self, n_blocks: int) -> None:
         """Quantize the oldest n_blocks*G residual tokens (k/v: [1, H, T, D]) and drop them."""
         G = self.group
         n = n_blocks * G
-        k, v = self.keys[0, :, :n], self.values[0, :, :n]  # [H, n, D]
+        k, v = self.keys[0, :, :n].float(), self.values[0, :, :n].float()  # [H, n, D]
         H, _, D = k.shape
         if D % G:
             raise ValueError(f"KIVI cache: head_dim {D} must be a multiple of group {G}")
-        kq = self._quantize(k.view(H, n_blocks, G, D).permute(1, 0, 3, 2), (n_blocks, H, D))
-        vq = self._quantize(v.transpose(0, 1), (n, H, D // G))
+        kq = self._quantize(k.view(H, n_blocks, G, D), dim=2)
+        vq = self._quantize(v.view(H, n, D // G, G), dim=3)
         if self.k_codes is None:
             self.k_codes, self.k_min, self.k_step = kq
             self.v_codes, self.v_min, self.v_step = vq
         else:  # append-only: earlier blocks are never touched again
-            self.k_codes, self.k_min, self.k_step = (torch.cat([a, b]) for a, b in
+            self.k_codes, self.k_min, self.k_step = (torch.cat([a, b], dim=1) for a, b in
                                                      zip((self.k_codes, self.k_min, self.k_step), kq))
-            self.v_codes, self.v_min, self.v_step = (torch.cat([a, b]) for a, b in
+            self.v_codes, self.v_min, self.v_step = (torch.cat([a, b], dim=1) for a, b in
                                                      zip((self.v_codes, self.v_min, self.v_step), vq))
         self.keys = self.keys[:, :, n:].contiguous()
         self.values = self.values[:, :, n:].contiguous()
         self.quantized_tokens += n
 
-    def _dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        G, bits = self.group, self.bits
-        nb, H, D = self.k_min.shape
-        kc = unpack_bits(self.k_codes.reshape(-1), bits, nb * H * D * G).view(nb, H, D, G)
-        k = kc.to(self.dtype).mul_(self.k_step[..., None].to(self.dtype)).add_(self.k_min[..., None].to(self.dtype))
-        k = k.permute(1, 0, 3, 2).reshape(1, H, nb * G, D)
-        T, _, ng = self.v_min.shape
-        vc = unpack_bits(self.v_codes.reshape(-1), bits, T * H * ng * G).view(T, H, ng, G)
-        v = vc.to(self.dtype).mul_(self.v_step[..., None].to(self.dtype)).add_(self.v_min[..., None].to(self.dtype))
-        v = v.view(T, H, D).transpose(0, 1)[None]
-        return k, v
+    def _codes_as_float(self, packed: torch.Tensor, tag: str) -> torch.Tensor:
+        """Unpack codes to fp32 in one gather through a 256-entry table (byte -> codes)."""
+        per = 8 // self.bits
+        lut = self._lut
+        if packed.device.type == "cpu":
+            flat = self._ws.get(tag, (packed.numel(), per), torch.float32)
+            np.take(lut.numpy(), packed.reshape(-1).numpy(), axis=0, out=flat.numpy())
+        else:
+            flat = lut.to(packed.device)[packed.reshape(-1).long()]
+        return flat.view(*packed.shape[:-1], packed.shape[-1] * per)
+
+    @property
+    def _lut(self) -> torch.Tensor:
+        lut = getattr(self, "_lut_cache", None)
+        if lut is None:
+            per = 8 // self.bits
+            byte = torch.arange(256, dtype=torch.int32)[:, None]
+            shifts = torch.arange(per, dtype=torch.int32)[None] * self.bits
+            lut = self._lut_cache = ((byte >> shifts) & ((1 << self.bits) - 1)).float().contiguous()
+        return lut
+
+    def _full(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense [1, H, T, D] keys and values: sinks, dequantized blocks, fp residual."""
+        H, D = self.keys.shape[1], self.keys.shape[3]
+        s, q, r = self.sink_keys.shape[2], self.quantized_tokens, self.keys.shape[2]
+        outs = []
+        for sink, codes, mn, step, resid, tag in (
+                (self.sink_keys, self.k_codes, self.k_min, self.k_step, self.keys, "kf"),
+                (self.sink_values, self.v_codes, self.v_min, self.v_step, self.values, "vf")):
+            out = torch.empty((1, H, s + q + r, D), dtype=self.dtype, device=self.device)
+            out[:, :, :s] = sink
+            out[:, :, s + q:] = resid
+            if q:
+                x = self._codes_as_float(codes, tag)  # [H, nb, G, D] or [H, T, D/G, G]
+                dst = out[0, :, s:s + q].view(x.shape)
+                torch.addcmul(mn.to(self.dtype), x.to(self.dtype), step.to(self.dtype), out=dst)
+            outs.append(out)
+        return outs[0], outs[1]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,13 +155,7 @@ class KIVILayer(DynamicLayer):
             key_states, value_states = key_states[:, :, take:], value_states[:, :, take:]
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
-        if self.k_codes is None:
-            full_k = torch.cat([self.sink_keys, self.keys], dim=-2)
-            full_v = torch.cat([self.sink_values, self.values], dim=-2)
-        else:
-            qk, qv = self._dequantized()
-            full_k = torch.cat([self.sink_keys, qk, self.keys], dim=-2)
-            full_v = torch.cat([self.sink_values, qv, self.values], dim=-2)
+        full_k, full_v = self._full()
         overflow = self.keys.shape[-2] - self.residual
         if overflow >= self.group:  # flush whole G-blocks, keep >= R newest tokens in full precision
             self._flush(overflow // self.group)
