@@ -1,16 +1,25 @@
-"""`kvmw demo` (`make demo`): real KV through every tier and back, checked against the model.
+"""`kvmw demo` (`make demo`): a shared document, several questions, TTFT cold vs warm per tier.
 
-SmolLM2 prefills essay text; its KV is cut into chunks under prefix-chain keys,
-encoded, stored in each tier (CPU, disk, Redis) and in the tiered stack (CPU
-with write-through to disk and Redis), loaded back and decoded. For each it
-prints the bytes stored, the time to load versus the time to recompute the
-prefill, whether the KV is bit-identical, and whether the model's next-token
-logits from the loaded cache match a fresh prefill.
+SmolLM2 (or Qwen-0.5B) reads a long document of essay text followed by a
+question, through the `KVMW` generate hook:
+
+1. the first question is cold: the store is empty, the whole prompt is prefilled
+   and the document's chunks are stored (CPU, then written through to disk and Redis);
+2. the next questions are warm from the CPU tier: only the question is computed;
+3. a new process (a restart) answers them with only the disk tier;
+4. another new process answers them with only Redis.
+
+It prints TTFT per question and tier, the speedup over cold, the bytes stored
+and the compression ratio, and every answer next to plain `generate`'s answer
+(identical for lossless codecs).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -18,108 +27,181 @@ from typing import Any
 
 import torch
 
+QUESTIONS = [
+    "What is the main idea of the text above?",
+    "Who is the text written for?",
+    "What does the author say about technology?",
+]
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", choices=["smollm2", "qwen0.5b"])
-    p.add_argument("--tokens", type=int, default=1024, help="prompt tokens of essay text")
-    p.add_argument("--codec", default="none", help='codec spec, e.g. "none", "zstd", "none+zstd:shuffle"')
+    p.add_argument("--tokens", type=int, default=1536, help="document tokens shared by every question")
+    p.add_argument("--codec", default="none", help='codec spec, e.g. "none", "int8", "kivi4+zstd"')
     p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--phase", default="", help=argparse.SUPPRESS)  # internal: a restarted process
+    p.add_argument("--state", default="", help=argparse.SUPPRESS)
+
+
+class FirstTokenTimer:
+    """A `generate` streamer that notes when the first new token arrives."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self._calls = 0
+
+    def put(self, value: Any) -> None:
+        self._calls += 1
+        if self._calls == 2 and self.first is None:  # call 1 is the prompt itself
+            self.first = time.perf_counter() - self.start
+
+    def end(self) -> None:
+        pass
 
 
 def _step(msg: str) -> None:
-    print(f"[demo] {msg}", flush=True)
+    print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+
+def _prompts(tok: Any, tokens: int) -> list[torch.Tensor]:
+    from kvmw.text_data import essay_text
+
+    doc = tok(essay_text(tokens * 8), return_tensors="pt").input_ids[:, :tokens]
+    out = []
+    for q in QUESTIONS:
+        suffix = tok(f"\n\nQuestion: {q}\nAnswer:", return_tensors="pt", add_special_tokens=False).input_ids
+        out.append(torch.cat([doc, suffix], dim=1))  # same document tokens: a shared prefix
+    return out
+
+
+def _ask(hook_or_model: Any, ids: torch.Tensor, tok: Any, max_new: int) -> dict[str, Any]:
+    timer = FirstTokenTimer()
+    with torch.inference_mode():
+        out = hook_or_model.generate(ids, max_new_tokens=max_new, do_sample=False, streamer=timer)
+    answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    return {"ttft_s": timer.first, "answer": answer}
+
+
+def _run_phase(args: argparse.Namespace) -> dict[str, Any]:
+    """One process's share of the demo; returns its measurements."""
+    from kvmw.config import KVMWConfig
+    from kvmw.integrations.hf import KVMW
+    from kvmw.integrations.hf.models import load
+
+    state = json.loads(args.state)
+    model, tok = load(args.model)
+    prompts = _prompts(tok, args.tokens)
+    config = KVMWConfig.load(chunk_size=args.chunk_size, codec=args.codec, disk_path=state["disk"],
+                             redis_prefix=state["redis_prefix"])
+    rows: list[dict[str, Any]] = []
+    if args.phase == "first":
+        _step("plain generate (no kvmw) for the reference answers")
+        baseline = [_ask(model, ids, tok, args.max_new_tokens) for ids in prompts]
+        hook = KVMW(model, tok, config.replace(tiers=["cpu", "disk", "redis"]))
+        for i, ids in enumerate(prompts):
+            _step(f"question {i + 1} through kvmw ({'cold' if i == 0 else 'warm, CPU tier'})")
+            before = hook.stats()["tokens_reused"]
+            r = _ask(hook, ids, tok, args.max_new_tokens)
+            rows.append({**r, "tier": "none (cold)" if i == 0 else "cpu", "question": i,
+                         "reused": hook.stats()["tokens_reused"] - before,
+                         "baseline": baseline[i]["answer"], "baseline_ttft_s": baseline[i]["ttft_s"]})
+        hook.store.flush(120)
+        stats = hook.store.stats()["tiers"]
+        hook.close()
+        return {"rows": rows, "stored": {t: s["bytes_written"] for t, s in stats.items()},
+                "chunks": hook.stats()["chunks_stored"]}
+    tier = args.phase
+    hook = KVMW(model, tok, config.replace(tiers=[tier]))
+    for i, ids in enumerate(prompts):
+        _step(f"restarted process: question {i + 1}, {tier} tier only")
+        before = hook.stats()["tokens_reused"]
+        r = _ask(hook, ids, tok, args.max_new_tokens)
+        rows.append({**r, "tier": tier, "question": i, "reused": hook.stats()["tokens_reused"] - before})
+    hook.close()
+    return {"rows": rows}
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvmw.bench.common import print_table
-    from kvmw.config import KVMWConfig
-    from kvmw.fingerprint import ModelFingerprint
-    from kvmw.integrations.hf.capture import capture_kv, to_dynamic_cache
-    from kvmw.integrations.hf.models import load
-    from kvmw.keys import KeySpace
-    from kvmw.layout import split_tokens
     from kvmw.memory import tune_allocator
-    from kvmw.quantizers import decode_blob, make_codec
-    from kvmw.storage_tiers import build_store
-    from kvmw.text_data import essay_text
 
     tune_allocator()
-    _step(f"loading {args.model}")
-    model, tok = load(args.model)
-    fp = ModelFingerprint.from_hf(model)
-    ids = tok(essay_text(args.tokens * 8), return_tensors="pt").input_ids[0, : args.tokens + 1]
-    prompt, next_id = ids[:-1], ids[-1:]
+    if args.phase:
+        print(json.dumps(_run_phase(args)))
+        return 0
+    from kvmw.bench.common import print_table
 
-    _step(f"prefill of {len(prompt)} tokens (the cold path)")
-    t0 = time.perf_counter()
-    kv = capture_kv(model, prompt)
-    prefill_s = time.perf_counter() - t0
-    with torch.inference_mode():
-        ref_logits = model(next_id[None], past_key_values=to_dynamic_cache(kv, model.config)).logits[0, -1]
-
-    space = KeySpace(fp, args.chunk_size)
-    keys = space.prefix_keys(prompt)
-    chunks = split_tokens(kv, args.chunk_size)[: len(keys)]
-    codec = make_codec(args.codec)
-    t0 = time.perf_counter()
-    blobs = [codec.encode(c, fp.digest, positions=torch.arange(i * args.chunk_size, (i + 1) * args.chunk_size))
-             for i, c in enumerate(chunks)]
-    encode_s = time.perf_counter() - t0
-    raw_bytes = sum(c.numel() * c.element_size() for c in chunks)
-    stored = sum(len(b) for b in blobs)
-    covered = len(keys) * args.chunk_size
-
-    rows: list[list[Any]] = []
     with tempfile.TemporaryDirectory(prefix="kvmw-demo-") as tmp:
-        base = KVMWConfig.load(disk_path=tmp, redis_prefix=f"kvmw-demo:{uuid.uuid4().hex[:8]}:")
-        for tiers in (["cpu"], ["disk"], ["redis"], ["cpu", "disk", "redis"]):
-            label = "+".join(tiers)
-            _step(f"store -> load through {label}")
-            store = build_store(base.replace(tiers=tiers))
-            t0 = time.perf_counter()
-            for k, b in zip(keys, blobs):
-                store.put(k, b)
-            store.flush(60)
-            put_s = time.perf_counter() - t0
-            if len(tiers) > 1:  # load from the bottom: a new process would find only Redis
-                for t in store.tiers[:-1]:
-                    for k in keys:
-                        t.delete(k)
-            t0 = time.perf_counter()
-            hits = store.prefix_hits(keys)
-            got = [store.get(k, fp.digest) for k in keys[:hits]]
-            loaded = [decode_blob(b, fp.digest)[0] for b in got if b is not None]
-            load_s = time.perf_counter() - t0
-            healthy = all(store.healthy().values())
-            if len(loaded) != len(keys):
-                rows.append([label, f"{len(loaded)}/{len(keys)} chunks", "-", "-", "-", "-", "-", "-"])
-                store.close()
-                continue
-            full = torch.cat(loaded, dim=2).to(kv.dtype)
-            exact = torch.equal(full, kv[:, :, :covered])
-            err = ((full - kv[:, :, :covered]).norm() / kv[:, :, :covered].norm()).item()
-            # continue from the loaded prefix + the recomputed tail, as an engine would
-            tail = kv[:, :, covered:]
-            cache = to_dynamic_cache(torch.cat([full, tail], dim=2), model.config)
-            with torch.inference_mode():
-                logits = model(next_id[None], past_key_values=cache).logits[0, -1]
-            diff = (logits - ref_logits).abs().max().item()
-            rows.append([label, f"{hits}/{len(keys)}", stored, put_s * 1e3, load_s * 1e3,
-                         prefill_s * covered / len(prompt) * 1e3,
-                         (prefill_s * covered / len(prompt)) / load_s,
-                         "yes" if exact else f"no (rel err {err:.1e})",
-                         f"{diff:.2e}" + ("" if healthy else " (tier down)")])
-            store.close()
+        state = json.dumps({"disk": tmp, "redis_prefix": f"kvmw-demo:{uuid.uuid4().hex[:8]}:"})
+        results = {}
+        for phase in ("first", "disk", "redis"):
+            cmd = [sys.executable, "-m", "kvmw", "demo", "--model", args.model, "--tokens", str(args.tokens),
+                   "--codec", args.codec, "--chunk-size", str(args.chunk_size),
+                   "--max-new-tokens", str(args.max_new_tokens), "--phase", phase, "--state", state]
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+            if proc.returncode != 0:
+                print(f"[demo] the {phase} phase failed (exit {proc.returncode})", file=sys.stderr)
+                return 1
+            results[phase] = json.loads(proc.stdout.strip().splitlines()[-1])
+        _cleanup_redis(json.loads(state)["redis_prefix"])
 
+    first = results["first"]
+    baseline = {r["question"]: r["baseline"] for r in first["rows"]}
+    cold = first["rows"][0]["ttft_s"]
+    rows, same_all = [], True
+    for phase in ("first", "disk", "redis"):
+        for r in results[phase]["rows"]:
+            same = r["answer"] == baseline[r["question"]]
+            same_all &= same
+            rows.append([r["tier"], r["question"] + 1, r["reused"], f"{r['ttft_s'] * 1e3:.0f}",
+                         f"{cold / r['ttft_s']:.1f}x", "yes" if same else "NO", _short(r["answer"])])
+    kv_bytes = _kv_bytes(args)
+    stored = first["stored"]
     print()
-    print(f"model {args.model} ({fp.architecture}, {fp.num_layers} layers, {fp.num_kv_heads} kv heads), "
-          f"{len(prompt)} prompt tokens, {len(keys)} chunks of {args.chunk_size}, codec {codec.spec}")
-    print(f"KV {raw_bytes / 2**20:.1f} MiB ({kv.dtype}) -> stored {stored / 2**20:.1f} MiB "
-          f"(ratio {raw_bytes / stored:.2f}x), encode {encode_s * 1e3:.0f} ms")
-    print_table(["tiers", "chunks hit", "bytes stored", "put ms", "load+decode ms", "recompute ms",
-                 "speedup", "KV identical", "next-token logit diff"], rows)
-    print("recompute ms = the prefill time of the covered tokens on this machine; "
-          "load+decode = prefix lookup + get + checksum + decode of every chunk")
-    loaded_all = all(len(r) > 7 for r in rows)
-    ok = loaded_all and (not codec.is_lossless or all(r[7] == "yes" for r in rows))
-    return 0 if ok else 1
+    print(f"model {args.model}, document {args.tokens} tokens shared by {len(QUESTIONS)} questions, "
+          f"chunks of {args.chunk_size}, codec {args.codec}")
+    print(f"plain generate TTFT (no kvmw): {first['rows'][0]['baseline_ttft_s'] * 1e3:.0f} ms; "
+          f"kvmw cold TTFT: {cold * 1e3:.0f} ms")
+    print_table(["tier", "question", "tokens reused", "TTFT ms", "speedup vs cold", "same answer", "answer"],
+                rows)
+    per_tier = ", ".join(f"{t} {b / 2**20:.1f} MiB" for t, b in stored.items())
+    print(f"stored: {first['chunks']} chunks; bytes written per tier: {per_tier}; "
+          f"KV of those chunks {kv_bytes / 2**20:.1f} MiB in the model's dtype -> "
+          f"compression ratio {kv_bytes / max(stored.get('cpu', 1), 1):.2f}x")
+    from kvmw.quantizers import make_codec
+
+    if make_codec(args.codec).is_lossless and not same_all:
+        print("[demo] a lossless codec changed an answer: this is a bug", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _short(text: str, n: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _kv_bytes(args: argparse.Namespace) -> int:
+    from kvmw.integrations.hf.models import model_dir
+
+    config = json.loads((model_dir(args.model) / "config.json").read_text())
+    heads = config.get("num_key_value_heads") or config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    full_chunks = args.tokens // args.chunk_size * args.chunk_size
+    return config["num_hidden_layers"] * 2 * heads * head_dim * full_chunks * 4  # fp32 models here
+
+
+def _cleanup_redis(prefix: str) -> None:
+    try:
+        import redis
+
+        from kvmw.storage_tiers.redis_server import default_url
+
+        client = redis.Redis.from_url(default_url(), socket_timeout=2)
+        keys = list(client.scan_iter(match=prefix + "*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
+    except Exception:  # cleanup is best effort; the demo's keys are namespaced anyway
+        pass
