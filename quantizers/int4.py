@@ -27,21 +27,20 @@ from kvmw.quantizers.common import (
 GROUPS = (16, 32, 64, 128)
 
 
-def quantize_groups(x: torch.Tensor, bits: int, ws: Workspace, tag: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric quantization of each row of `x` (fp32 [N, G], modified in place).
+def quantize_groups(x: torch.Tensor, bits: int, dim: int = 1, codes: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric quantization of fp32 `x` (modified in place) in groups along `dim`.
 
-    Returns (codes uint8 [N, G], min fp16 [N], step fp16 [N]); shared with KIVI.
+    Returns (codes uint8 shaped like x, min fp16, step fp16), min/step with `dim` kept
+    as size 1; `codes` may be a reusable buffer. Shared by int4, KIVI and the KIVI cache.
     """
     levels = (1 << bits) - 1
-    lo = x.amin(dim=1)
-    hi = x.amax(dim=1)
-    mn = lo.to(torch.float16)
-    step = ((hi - mn.float()) / levels).to(torch.float16)
-    s = step.float()
-    s.masked_fill_(s == 0, 1.0)
-    x.sub_(mn.float()[:, None]).div_(s[:, None])
+    mn = x.amin(dim=dim, keepdim=True).to(torch.float16)
+    step = ((x.amax(dim=dim, keepdim=True) - mn.float()) / levels).to(torch.float16)
+    s = step.float().masked_fill_(step == 0, 1.0)
+    x.sub_(mn.float()).div_(s)
     round_half_up_(x).clamp_(0, levels)
-    codes = ws.get(tag, tuple(x.shape), torch.uint8)
+    codes = torch.empty(x.shape, dtype=torch.uint8) if codes is None else codes
     codes.copy_(x)
     return codes, mn, step
 
@@ -88,7 +87,7 @@ class Int4(Quantizer):
             return [tensor_bytes(packed), tensor_bytes(mn), tensor_bytes(step)]
         x = self._ws.get("x", (n, self.group), torch.float32)
         x.copy_(kv.reshape(n, self.group))
-        codes, mn, step = quantize_groups(x, 4, self._ws, "codes")
+        codes, mn, step = quantize_groups(x, 4, codes=self._ws.get("codes", tuple(x.shape), torch.uint8))
         return [tensor_bytes(pack_bits(codes, 4)), tensor_bytes(mn), tensor_bytes(step)]
 
     decodes_on_device = True

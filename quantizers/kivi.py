@@ -104,7 +104,7 @@ class Kivi(Quantizer):
             if rows is None:
                 rows = self._ws.get("v", tuple(v.shape), torch.float32)
                 rows.copy_(v)
-            codes, mn, step = quantize_groups(rows, self.bits, self._ws, tag)
+            codes, mn, step = quantize_groups(rows, self.bits, codes=self._ws.get(tag, tuple(rows.shape), torch.uint8))
             out += [tensor_bytes(pack_bits(codes, self.bits)), tensor_bytes(mn), tensor_bytes(step)]
         return out
 

@@ -33,6 +33,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from kvmw.quantizers.common import Workspace, pack_bits
+from kvmw.quantizers.int4 import quantize_groups
 
 
 class KIVILayer(DynamicLayer):
@@ -70,11 +71,7 @@ class KIVILayer(DynamicLayer):
 
     def _quantize(self, x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Asymmetric `bits`-bit quantization of x (fp32) over `dim`: (packed codes, min, step)."""
-        levels = (1 << self.bits) - 1
-        mn = x.amin(dim=dim, keepdim=True).to(torch.float16)
-        step = ((x.amax(dim=dim, keepdim=True) - mn.float()) / levels).to(torch.float16)
-        s = step.float().masked_fill_(step == 0, 1.0)
-        codes = x.sub(mn.float()).div_(s).add_(0.5).floor_().clamp_(0, levels).to(torch.uint8)
+        codes, mn, step = quantize_groups(x, self.bits, dim=dim)
         packed = pack_bits(codes.reshape(-1), self.bits).view(*codes.shape[:-1], -1)
         return packed, mn, step
 

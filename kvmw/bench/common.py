@@ -31,6 +31,21 @@ def median_seconds(fn: Callable[[], Any], repeat: int, setup: Callable[[], Any] 
     return statistics.median(times)
 
 
+def drop_page_cache(path: str | os.PathLike) -> None:
+    """Evict a file, or every file under a folder, from the page cache (cold reads)."""
+    path = Path(path)
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for f in files:
+        try:
+            fd = os.open(f, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def gbps(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e9 if seconds > 0 else float("inf")
 

@@ -19,21 +19,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from kvmw.bench.common import gbps, machine, median_seconds, print_table, real_kv, write_json
+from kvmw.bench.common import drop_page_cache, gbps, machine, median_seconds, print_table, real_kv, write_json
 from kvmw.memory import allocator_setting, tune_allocator
 
 SIZES = {"3MiB": 3 << 20, "32MiB": 32 << 20}
-
-
-def _drop_cache(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def _blobs(model: str) -> dict[str, Any]:
@@ -77,12 +66,12 @@ def bench_disk(blob: Any, repeat: int, root: Path) -> dict[str, float]:
             f.read()
 
     raw_put = median_seconds(raw_write, repeat)
-    raw_get = median_seconds(raw_read, repeat, setup=lambda: _drop_cache(raw_path))
+    raw_get = median_seconds(raw_read, repeat, setup=lambda: drop_page_cache(raw_path))
     tier = DiskTier(root / "tier", 1 << 36)
     store = TieredStore([tier])
     key = uuid.uuid4().hex
     put = median_seconds(lambda: store.put(key, blob), repeat)
-    get = median_seconds(lambda: store.get(key), repeat, setup=lambda: _drop_cache(tier.path(key)))
+    get = median_seconds(lambda: store.get(key), repeat, setup=lambda: drop_page_cache(tier.path(key)))
     store.close()
     return {"put_gbps": gbps(n, put), "get_gbps": gbps(n, get),
             "raw_put_gbps": gbps(n, raw_put), "raw_get_gbps": gbps(n, raw_get)}
