@@ -26,6 +26,22 @@ def test_keys_are_quantized_in_whole_blocks_even_when_decoding_one_token_at_a_ti
     assert layer.nbytes() < 0.35 * fp_bytes  # really quantized, not silently kept in fp
 
 
+def test_keys_can_have_more_bits_than_values():
+    torch.manual_seed(3)
+    k, v = torch.randn(1, 2, 300, 64), torch.randn(1, 2, 300, 64)
+    errs, sizes = {}, {}
+    for key_bits in (2, 4):
+        layer = KIVILayer(bits=2, group=32, residual=32, sinks=0, key_bits=key_bits)
+        out_k, out_v = feed(layer, k, v, first=300)
+        out_k, out_v = layer.update(torch.zeros(1, 2, 1, 64), torch.zeros(1, 2, 1, 64))
+        q = layer.quantized_tokens
+        errs[key_bits] = ((out_k[:, :, :q] - k[:, :, :q]).norm() / k[:, :, :q].norm()).item(), \
+            ((out_v[:, :, :q] - v[:, :, :q]).norm() / v[:, :, :q].norm()).item()
+        sizes[key_bits] = layer.nbytes()
+    assert errs[4][0] < errs[2][0] / 3 and errs[4][1] == pytest.approx(errs[2][1])  # values untouched
+    assert sizes[2] < sizes[4] < 1.5 * sizes[2]
+
+
 def test_history_is_append_only_and_never_requantized():
     torch.manual_seed(1)
     k, v = torch.randn(1, 2, 300, 64), torch.randn(1, 2, 300, 64)

@@ -15,7 +15,7 @@ greedy continuation: `agreement` is the share of steps whose greedy token
 matches it, `decode_tps` the steps per second, `bytes` the cache's real size.
 Peers: DynamicCache, transformers' QuantizedCache (optimum-quanto backend,
 int4 and int2 - its fp8 path does not exist for caches in transformers 5.19),
-kvmw's KIVICache at 4 and 2 bits.
+kvmw's KIVICache at 4 and 2 bits, and with 4-bit keys and 2-bit values (`kivi2_k4`).
 """
 
 from __future__ import annotations
@@ -147,6 +147,7 @@ def _cache_table(args: argparse.Namespace, model: Any, ids: torch.Tensor) -> dic
         print("[bench] optimum-quanto not installed: transformers' QuantizedCache left out")
     factories["kvmw_kivi4"] = lambda: KIVICache(model.config, bits=4, group=64)
     factories["kvmw_kivi2"] = lambda: KIVICache(model.config, bits=2, group=32)
+    factories["kvmw_kivi2_k4"] = lambda: KIVICache(model.config, bits=2, group=32, key_bits=4)
 
     results: dict[str, Any] = {}
     ref = None
