@@ -31,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
         p = bench_sub.add_parser(name, help=(_bench_module(name).__doc__ or "").splitlines()[0])
         _bench_module(name).add_arguments(p)
 
+    p_serve = sub.add_parser("serve", help="the shared KV cache server (RESP protocol)")
+    from kvmw.integrations.server import server as kv_server
+
+    kv_server.add_arguments(p_serve)
+
     p_demo = sub.add_parser("demo", help="the end-to-end demo (make demo)")
     from kvmw import demo
 
@@ -51,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "demo":
         return demo.run(args)
+    if args.command == "serve":
+        return kv_server.run(args)
     return 2
 
 

@@ -30,7 +30,12 @@ def make_tier(name: str, config: KVMWConfig) -> Tier:
 
         return RedisTier(config.redis_url, config.redis_prefix, config.redis_ttl,
                          config.redis_part_size, config.remote_timeout)
-    raise ConfigError(f"unknown tier {name!r}; known: gpu, cpu, disk, redis")
+    if name == "server":
+        from kvmw.storage_tiers.server_tier import ServerTier
+
+        return ServerTier(config.server_url, config.redis_prefix, config.redis_ttl,
+                          config.redis_part_size, config.remote_timeout)
+    raise ConfigError(f"unknown tier {name!r}; known: gpu, cpu, disk, redis, server")
 
 
 def build_store(config: KVMWConfig | None = None) -> TieredStore:

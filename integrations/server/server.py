@@ -1,0 +1,411 @@
+"""`kvmw serve`: one process holding blobs for many engine processes.
+
+Protocol: a subset of RESP2, the Redis protocol, so kvmw's Redis tier (and
+redis-py, redis-cli, redis-benchmark) talk to it unchanged. Commands: PING,
+AUTH, CLIENT (accepted), SELECT 0, GET, SET [EX s], EXISTS, DEL, STRLEN,
+GETRANGE, MULTI/EXEC/DISCARD (queued and run without interleaving: the server
+is one event loop), SCAN (one full pass, cursor 0), DBSIZE, QUIT, and two of
+its own: ``KVMW.PREFIX k1 .. kn`` (how many leading keys are present: a prefix
+chain lookup in one round trip) and ``KVMW.SYNC`` (returns once every earlier
+write is on disk).
+
+Storage: a byte-bounded memory tier with write-through to a disk tier (the
+"spill"), both under the configured replacement policy; a miss in memory that
+hits disk is promoted back. Durability promise: a SET is acknowledged once it
+is in memory; it is durable (survives SIGKILL and power loss) once KVMW.SYNC
+has returned after it, or once the background write finished. A restart
+serves what the disk holds; a file is never half-written (temp + fsync +
+rename), so nothing torn is ever served. TTLs live in memory only.
+
+Safety: loopback by default; on any other address it refuses to start without
+an auth token. Values over `max_value` and requests over `max_request` bytes,
+or malformed frames, get an error and the connection is closed; the server
+keeps serving everyone else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fnmatch
+import hmac
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import xxhash
+
+from kvmw.storage_tiers.disk import DiskTier
+from kvmw.storage_tiers.memory import CPUTier
+from kvmw.storage_tiers.tiered import TieredStore
+
+log = logging.getLogger("kvmw.server")
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+PROTOCOL_VERSION = 1
+
+
+class ProtocolError(Exception):
+    """A frame the server will not parse; the connection is closed after the reply."""
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 6380
+    http_port: int = 0  # 0: no HTTP endpoint
+    token: str = ""
+    memory_capacity: int = 4 << 30
+    disk_path: str = ""
+    disk_capacity: int = 64 << 30
+    policy: str = "lru"
+    max_value: int = 512 << 20
+    max_request: int = 1 << 30
+    max_args: int = 1 << 16
+
+
+def store_key(key: bytes) -> str:
+    """A disk-safe, reversible name: 16 hash hex chars (sharding) + the key in hex."""
+    return xxhash.xxh3_64_hexdigest(key) + key.hex()
+
+
+def original_key(name: str) -> bytes:
+    return bytes.fromhex(name[16:])
+
+
+class KVServer:
+    def __init__(self, config: ServerConfig) -> None:
+        if config.host not in LOOPBACK and not config.token:
+            raise SystemExit(f"kvmw serve: refusing to listen on {config.host} without --token "
+                             "(loopback needs none)")
+        self.config = config
+        tiers: list[Any] = [CPUTier(config.memory_capacity, config.policy)]
+        if config.disk_path:
+            tiers.append(DiskTier(config.disk_path, config.disk_capacity, config.policy))
+        self.store = TieredStore(tiers, write_queue=1024, validate=False)
+        self.expiry: dict[str, float] = {}
+        self.counts = {"connections": 0, "commands": 0, "errors": 0, "protocol_errors": 0}
+        self._servers: list[asyncio.AbstractServer] = []
+        self._stopped = asyncio.Event()
+
+    # ---- lifecycle --------------------------------------------------------------------
+    async def start(self) -> None:
+        srv = await asyncio.start_server(self._client, self.config.host, self.config.port,
+                                         limit=1 << 20)
+        self._servers.append(srv)
+        self.config.port = srv.sockets[0].getsockname()[1]
+        if self.config.http_port >= 0 and self.config.http_port != 0:
+            http = await asyncio.start_server(self._http, self.config.host, self.config.http_port)
+            self._servers.append(http)
+            self.config.http_port = http.sockets[0].getsockname()[1]
+        log.info("kvmw serve: RESP on %s:%d, http on %s, %d entries on disk", self.config.host,
+                 self.config.port, self.config.http_port or "off", len(list(self._disk_entries())))
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopped.set)
+        print(f"kvmw serve ready on {self.config.host}:{self.config.port}"
+              + (f" (http {self.config.http_port})" if self.config.http_port else ""), flush=True)
+        await self._stopped.wait()
+        log.info("kvmw serve: shutting down, flushing writes to disk")
+        for s in self._servers:
+            s.close()
+        self.store.close(flush_timeout=60)
+
+    def _disk_entries(self):
+        for tier in self.store.tiers[1:]:
+            yield from tier.entries()
+
+    # ---- RESP -------------------------------------------------------------------------
+    async def _read_command(self, reader: asyncio.StreamReader) -> list[bytes] | None:
+        line = await reader.readline()
+        if not line:
+            return None
+        if not line.endswith(b"\r\n"):
+            raise ProtocolError("line too long or not CRLF-terminated")
+        if line[:1] != b"*":  # inline command (PING from shell tools)
+            parts = line.strip().split()
+            if not parts:
+                return []
+            return parts
+        try:
+            n = int(line[1:-2])
+        except ValueError:
+            raise ProtocolError("bad array length") from None
+        if not 0 < n <= self.config.max_args:
+            raise ProtocolError(f"array length {n} outside 1..{self.config.max_args}")
+        args, total = [], 0
+        for _ in range(n):
+            head = await reader.readline()
+            if head[:1] != b"$" or not head.endswith(b"\r\n"):
+                raise ProtocolError("expected a bulk string")
+            try:
+                size = int(head[1:-2])
+            except ValueError:
+                raise ProtocolError("bad bulk length") from None
+            if not 0 <= size <= self.config.max_value:
+                raise ProtocolError(f"bulk of {size} bytes exceeds max_value {self.config.max_value}")
+            total += size
+            if total > self.config.max_request:
+                raise ProtocolError(f"request exceeds max_request {self.config.max_request}")
+            data = await reader.readexactly(size + 2)
+            if data[-2:] != b"\r\n":
+                raise ProtocolError("bulk not CRLF-terminated")
+            args.append(data[:-2])
+        return args
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.counts["connections"] += 1
+        authed = not self.config.token
+        proto = 2
+        queued: list[list[bytes]] | None = None
+        try:
+            while True:
+                try:
+                    args = await self._read_command(reader)
+                except (ProtocolError, ValueError, asyncio.LimitOverrunError) as e:
+                    self.counts["protocol_errors"] += 1
+                    writer.write(b"-ERR protocol error: " + str(e).encode()[:200] + b"\r\n")
+                    await writer.drain()
+                    return
+                except asyncio.IncompleteReadError:
+                    return
+                if args is None:
+                    return
+                if not args:
+                    continue
+                name = args[0].upper()
+                if name == b"QUIT":
+                    writer.write(b"+OK\r\n")
+                    await writer.drain()
+                    return
+                if name == b"HELLO":
+                    want = int(args[1]) if len(args) > 1 and args[1].isdigit() else proto
+                    upper = [a.upper() for a in args]
+                    if b"AUTH" in upper:
+                        i = upper.index(b"AUTH")
+                        ok = len(args) > i + 2 and hmac.compare_digest(args[i + 2], self.config.token.encode())
+                        if self.config.token and not ok:
+                            writer.write(b"-WRONGPASS invalid token\r\n")
+                            await writer.drain()
+                            continue
+                        authed = authed or ok
+                    if not authed:
+                        writer.write(b"-NOAUTH HELLO must be called with AUTH when a token is set\r\n")
+                    elif want not in (2, 3):
+                        writer.write(b"-NOPROTO unsupported protocol version\r\n")
+                    else:
+                        proto = want
+                        _send(writer, _hello(proto), proto)
+                elif name == b"AUTH":
+                    ok = len(args) in (2, 3) and hmac.compare_digest(args[-1], self.config.token.encode())
+                    authed = authed or ok
+                    writer.write(b"+OK\r\n" if ok or not self.config.token else
+                                 b"-WRONGPASS invalid token\r\n")
+                elif not authed and name != b"PING":  # PING stays open for health checks
+                    writer.write(b"-NOAUTH Authentication required.\r\n")
+                elif name == b"MULTI":
+                    queued = []
+                    writer.write(b"+OK\r\n")
+                elif name == b"DISCARD":
+                    queued = None
+                    writer.write(b"+OK\r\n")
+                elif name == b"EXEC":
+                    if queued is None:
+                        writer.write(b"-ERR EXEC without MULTI\r\n")
+                    else:
+                        replies = [self._execute(a) for a in queued]  # no await: nothing interleaves
+                        writer.write(b"*%d\r\n" % len(replies))
+                        for r in replies:
+                            _send(writer, r, proto)
+                        queued = None
+                elif queued is not None:
+                    queued.append(args)
+                    writer.write(b"+QUEUED\r\n")
+                elif name == b"KVMW.SYNC":
+                    await asyncio.get_running_loop().run_in_executor(None, self.store.flush, 120.0)
+                    writer.write(b"+OK\r\n")
+                else:
+                    _send(writer, self._execute(args), proto)
+                await writer.drain()  # returns at once unless the client is slow to read
+        except (ConnectionError, asyncio.CancelledError):
+            return
+        finally:
+            writer.close()
+
+    # ---- commands ---------------------------------------------------------------------
+    def _execute(self, args: list[bytes]) -> bytes:
+        self.counts["commands"] += 1
+        name = args[0].upper().decode(errors="replace")
+        handler = getattr(self, "_cmd_" + name.replace(".", "_").lower(), None)
+        if handler is None:
+            self.counts["errors"] += 1
+            return b"-ERR unknown command '" + name.encode()[:64] + b"'\r\n"
+        try:
+            return handler(args[1:])
+        except (IndexError, ValueError) as e:
+            self.counts["errors"] += 1
+            return b"-ERR wrong arguments for '" + name.encode()[:64] + b"': " + str(e).encode()[:100] + b"\r\n"
+
+    def _live(self, key: bytes) -> str | None:
+        name = store_key(key)
+        deadline = self.expiry.get(name)
+        if deadline is not None and time.monotonic() >= deadline:
+            self.store.delete(name)
+            del self.expiry[name]
+            return None
+        return name
+
+    def _get(self, key: bytes) -> Any:
+        name = self._live(key)
+        return None if name is None else self.store.get(name)
+
+    @staticmethod
+    def _bulk(value: Any) -> Any:
+        """A bulk reply as buffers (the value is not copied into a reply string); None: null."""
+        if value is None:
+            return None
+        mv = memoryview(value).cast("B")
+        return [b"$%d\r\n" % mv.nbytes, mv, b"\r\n"]
+
+    def _cmd_ping(self, args: list[bytes]) -> bytes:
+        return self._bulk(args[0]) if args else b"+PONG\r\n"
+
+    def _cmd_client(self, args: list[bytes]) -> bytes:
+        return b"+OK\r\n"
+
+    def _cmd_select(self, args: list[bytes]) -> bytes:
+        return b"+OK\r\n" if args and args[0] == b"0" else b"-ERR only db 0\r\n"
+
+    def _cmd_get(self, args: list[bytes]) -> bytes:
+        return self._bulk(self._get(args[0]))
+
+    def _cmd_set(self, args: list[bytes]) -> bytes:
+        key, value, opts = args[0], args[1], [a.upper() for a in args[2:]]
+        name = store_key(key)
+        self.store.put(name, value)
+        self.expiry.pop(name, None)
+        if b"EX" in opts:
+            self.expiry[name] = time.monotonic() + int(args[2 + opts.index(b"EX") + 1])
+        return b"+OK\r\n"
+
+    def _cmd_exists(self, args: list[bytes]) -> bytes:
+        names = [self._live(k) for k in args]
+        present = self.store.contains([n for n in names if n is not None])
+        return b":%d\r\n" % sum(present)
+
+    def _cmd_kvmw_prefix(self, args: list[bytes]) -> bytes:
+        names = [self._live(k) or "" for k in args]
+        return b":%d\r\n" % self.store.prefix_hits(names)
+
+    def _cmd_del(self, args: list[bytes]) -> bytes:
+        names = [store_key(k) for k in args]
+        present = self.store.contains(names)
+        for n in names:
+            self.store.delete(n)
+            self.expiry.pop(n, None)
+        return b":%d\r\n" % sum(present)
+
+    def _cmd_strlen(self, args: list[bytes]) -> bytes:
+        value = self._get(args[0])
+        return b":%d\r\n" % (0 if value is None else memoryview(value).nbytes)
+
+    def _cmd_getrange(self, args: list[bytes]) -> bytes:
+        value = self._get(args[0])
+        if value is None:
+            return b"$0\r\n\r\n"
+        mv = memoryview(value).cast("B")
+        start, end = int(args[1]), int(args[2])
+        n = mv.nbytes
+        start = max(start + n if start < 0 else start, 0)
+        end = min(end + n if end < 0 else end, n - 1)
+        return self._bulk(mv[start:end + 1] if start <= end else b"")
+
+    def _cmd_scan(self, args: list[bytes]) -> bytes:
+        pattern = None
+        upper = [a.upper() for a in args]
+        if b"MATCH" in upper:
+            pattern = args[upper.index(b"MATCH") + 1].decode(errors="replace")
+        names = {n for tier in self.store.tiers for n, _ in tier.entries()}
+        keys = [original_key(n) for n in sorted(names)]
+        if pattern is not None:
+            keys = [k for k in keys if fnmatch.fnmatchcase(k.decode(errors="replace"), pattern)]
+        body = b"".join(b"$%d\r\n%s\r\n" % (len(k), k) for k in keys)
+        return b"*2\r\n$1\r\n0\r\n*%d\r\n" % len(keys) + body
+
+    def _cmd_dbsize(self, args: list[bytes]) -> bytes:
+        return b":%d\r\n" % len({n for tier in self.store.tiers for n, _ in tier.entries()})
+
+    # ---- HTTP -------------------------------------------------------------------------
+    async def _http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        from kvmw.metrics import StoreMetrics
+
+        try:
+            request = await asyncio.wait_for(reader.readline(), 5)
+            path = request.split()[1].decode() if len(request.split()) > 1 else "/"
+            if path == "/healthz":
+                status, body, ctype = "200 OK", b"ok\n", "text/plain"
+            elif path == "/metrics":
+                if not hasattr(self, "_metrics"):
+                    self._metrics = StoreMetrics(self.store)
+                extra = "".join(f"kvmw_server_{k}_total {v}\n" for k, v in self.counts.items()).encode()
+                status, body, ctype = "200 OK", self._metrics.text() + extra, "text/plain; version=0.0.4"
+            else:
+                status, body, ctype = "404 Not Found", b"not found\n", "text/plain"
+            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                         f"Connection: close\r\n\r\n".encode() + body)
+            await writer.drain()
+        except (asyncio.TimeoutError, ConnectionError, IndexError):
+            pass
+        finally:
+            writer.close()
+
+
+def _send(writer: asyncio.StreamWriter, reply: Any, proto: int) -> None:
+    if reply is None:  # the null reply differs between RESP2 and RESP3
+        writer.write(b"_\r\n" if proto == 3 else b"$-1\r\n")
+    elif isinstance(reply, list):
+        writer.writelines(reply)
+    else:
+        writer.write(reply)
+
+
+def _hello(proto: int) -> bytes:
+    fields = [(b"server", b"kvmw"), (b"version", b"%d" % PROTOCOL_VERSION), (b"proto", proto),
+              (b"id", 1), (b"mode", b"standalone"), (b"role", b"master"), (b"modules", [])]
+    out = [b"%%%d\r\n" % len(fields) if proto == 3 else b"*%d\r\n" % (2 * len(fields))]
+    for k, v in fields:
+        out.append(b"$%d\r\n%s\r\n" % (len(k), k))
+        if isinstance(v, int):
+            out.append(b":%d\r\n" % v)
+        elif isinstance(v, list):
+            out.append(b"*0\r\n")
+        else:
+            out.append(b"$%d\r\n%s\r\n" % (len(v), v))
+    return b"".join(out)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=6380)
+    p.add_argument("--http-port", type=int, default=0, help="/healthz and /metrics (0: off)")
+    p.add_argument("--token", default="", help="required for non-loopback addresses (AUTH)")
+    p.add_argument("--config", default=None, help="kvmw YAML: cpu_capacity, disk_path, disk_capacity, policy")
+    p.add_argument("--disk-path", default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvmw.config import KVMWConfig
+    from kvmw.memory import tune_allocator
+
+    tune_allocator()
+    cfg = KVMWConfig.load(args.config)
+    server = KVServer(ServerConfig(
+        host=args.host, port=args.port, http_port=args.http_port, token=args.token,
+        memory_capacity=cfg.cpu_capacity, disk_path=args.disk_path or str(cfg.disk_dir / "server"),
+        disk_capacity=cfg.disk_capacity, policy=cfg.policy))
+    asyncio.run(server.serve_forever())
+    return 0

@@ -1,0 +1,132 @@
+"""`kvmw serve` as a real process, driven by kvmw's own tier, redis-py and raw sockets."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from kvmw.storage_tiers.redis_server import free_port, ping
+from kvmw.storage_tiers.server_tier import ServerTier
+from tests.test_tiers import blob_of, key_of
+
+
+class ServerProcess:
+    def __init__(self, disk, *extra):
+        self.disk, self.extra = str(disk), extra
+        self.port, self.http = free_port(), free_port()
+        self.proc = None
+
+    def start(self):
+        self.log = open(self.disk + ".log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kvmw", "serve", "--port", str(self.port), "--http-port", str(self.http),
+             "--disk-path", self.disk, *self.extra], stdout=subprocess.DEVNULL, stderr=self.log)
+        deadline = time.monotonic() + 30
+        while not ping("127.0.0.1", self.port, 0.2):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError(f"kvmw serve did not start; see {self.log.name}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(30)
+        return self.proc.returncode
+
+    @property
+    def url(self):
+        return f"kvmw://127.0.0.1:{self.port}"
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = ServerProcess(tmp_path / "disk").start()
+    yield s
+    s.stop(signal.SIGKILL)
+
+
+def test_kvmw_tiers_work_against_the_server(server):
+    t = ServerTier(server.url, prefix="p:", part_size=64 << 10)
+    small, large = blob_of(16, 1), blob_of(4096, 2)  # large: a multi-part MULTI/EXEC record
+    assert t.put(key_of(1), small) and t.put(key_of(2), large)
+    assert bytes(t.get(key_of(1))) == bytes(small) and bytes(t.get(key_of(2))) == bytes(large)
+    assert t.get(key_of(3)) is None
+    assert t.contains([key_of(1), key_of(3), key_of(2)]) == [True, False, True]
+    assert {k for k, _ in t.entries()} == {key_of(1), key_of(2)}
+    t.delete(key_of(2))
+    assert t.get(key_of(2)) is None
+    import redis
+
+    r = redis.Redis(port=server.port)
+    assert r.execute_command("KVMW.PREFIX", "p:{%s}" % key_of(1), "p:{nope}", "p:{%s}" % key_of(1)) == 1
+    r.set("ttl", b"x", ex=1)
+    assert r.get("ttl") == b"x"
+    time.sleep(1.1)
+    assert r.get("ttl") is None
+    t.close()
+
+
+def test_restart_serves_what_sync_made_durable_even_after_sigkill(tmp_path):
+    s = ServerProcess(tmp_path / "disk").start()
+    t = ServerTier(s.url, prefix="d:")
+    blobs = {key_of(i): blob_of(256, i) for i in range(8)}
+    for k, b in blobs.items():
+        t.put(k, b)
+    t.client.execute_command("KVMW.SYNC")
+    s.stop(signal.SIGKILL)
+    t.close()
+    s2 = ServerProcess(tmp_path / "disk").start()
+    t2 = ServerTier(s2.url, prefix="d:")
+    assert all(bytes(t2.get(k)) == bytes(b) for k, b in blobs.items())
+    t2.close()
+    assert s2.stop(signal.SIGTERM) == 0  # graceful
+
+
+def test_malformed_and_oversized_frames_get_an_error_and_a_closed_connection(server):
+    for frame in (b"*2\r\n$3\r\nGET\r\n$x\r\n", b"*999999999\r\n", b"*1\r\n$99999999999\r\n",
+                  b"*1\r\n+not-bulk\r\n", b"*2\r\n$3\r\nGET\r\n$1\r\nabc\r\n"):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(frame)
+            reply = sock.recv(4096)
+            assert reply.startswith(b"-ERR")
+            assert sock.recv(4096) == b""  # closed
+    assert ping("127.0.0.1", server.port)  # still serving
+
+
+def test_health_and_metrics_endpoints(server):
+    t = ServerTier(server.url, prefix="m:")
+    t.put(key_of(1), blob_of(8))
+    t.get(key_of(1))
+    assert urllib.request.urlopen(f"http://127.0.0.1:{server.http}/healthz", timeout=5).read() == b"ok\n"
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.http}/metrics", timeout=5).read().decode()
+    assert 'kvmw_tier_hits_total{tier="cpu"} 1.0' in body and "kvmw_server_commands_total" in body
+    t.close()
+
+
+def test_non_loopback_needs_a_token(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "kvmw", "serve", "--host", "0.0.0.0", "--port", "0",
+                          "--disk-path", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and "token" in (res.stderr + res.stdout)
+
+
+def test_token_is_required_when_set(tmp_path):
+    import redis
+
+    s = ServerProcess(tmp_path / "disk", "--token", "s3cret").start()
+    try:
+        with pytest.raises((redis.exceptions.ResponseError, redis.exceptions.AuthenticationError),
+                           match="NOAUTH|AUTH"):
+            redis.Redis(port=s.port).get("x")
+        assert redis.Redis(port=s.port, password="s3cret").set("x", b"1")
+        t = ServerTier(f"kvmw://:s3cret@127.0.0.1:{s.port}", prefix="a:")
+        assert t.put(key_of(1), blob_of(8)) and t.get(key_of(1)) is not None
+        t.close()
+    finally:
+        s.stop(signal.SIGKILL)
