@@ -151,10 +151,10 @@ class KVServer:
             total += size
             if total > self.config.max_request:
                 raise ProtocolError(f"request exceeds max_request {self.config.max_request}")
-            data = await reader.readexactly(size + 2)
-            if data[-2:] != b"\r\n":
+            data = await reader.readexactly(size)  # the value itself: no slicing copy after
+            if await reader.readexactly(2) != b"\r\n":
                 raise ProtocolError("bulk not CRLF-terminated")
-            args.append(data[:-2])
+            args.append(data)
         return args
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
