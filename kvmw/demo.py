@@ -30,7 +30,7 @@ import torch
 QUESTIONS = [
     "What is the main idea of the text above?",
     "Who is the text written for?",
-    "What does the author say about technology?",
+    "Name one thing the author believes.",
 ]
 
 
