@@ -6,7 +6,8 @@ import argparse
 import logging
 import sys
 
-BENCHES = {"tiers": "kvmw.bench.tiers", "codecs": "kvmw.bench.codecs", "prefix": "kvmw.bench.prefix"}
+BENCHES = {"tiers": "kvmw.bench.tiers", "codecs": "kvmw.bench.codecs", "prefix": "kvmw.bench.prefix",
+           "server": "kvmw.bench.server"}
 
 
 def _bench_module(name: str):

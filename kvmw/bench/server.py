@@ -1,0 +1,159 @@
+"""`kvmw bench server`: `kvmw serve` beside Redis on the same machine, payloads and client.
+
+For 3 MiB and 32 MiB values and 1, 8 and 32 concurrent clients (threads, one
+redis-py connection each, the same client code for both servers): every client
+SETs then GETs its own key `--ops` times. Reported: aggregate GET and SET
+throughput (GB/s of values moved) and p50/p99 GET latency. `gbps` is the GET
+throughput (what engines wait on). The raw limit is one TCP loopback stream
+(sendall / recv_into a preallocated buffer) measured by the bench itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+from kvmw.bench.common import machine, print_table, write_json
+
+SIZES = {"3MiB": 3 << 20, "32MiB": 32 << 20}
+CLIENTS = (1, 8, 32)
+
+
+def raw_tcp_gbps(nbytes: int = 32 << 20, rounds: int = 8) -> float:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port = srv.getsockname()[1]
+    payload = os.urandom(nbytes)
+
+    def sender() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            for _ in range(rounds):
+                conn.sendall(payload)
+
+    t = threading.Thread(target=sender)
+    t.start()
+    buf = memoryview(bytearray(nbytes))
+    with socket.create_connection(("127.0.0.1", port)) as c:
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            got = 0
+            while got < nbytes:
+                got += c.recv_into(buf[got:])
+        elapsed = time.perf_counter() - t0
+    t.join()
+    srv.close()
+    return nbytes * rounds / elapsed / 1e9
+
+
+def _cell(port: int, size: int, clients: int, ops: int) -> dict[str, float]:
+    import redis
+
+    value = os.urandom(size)
+    get_lat: list[float] = []
+    set_time = [0.0] * clients
+    get_time = [0.0] * clients
+    barrier = threading.Barrier(clients)
+    errors: list[str] = []
+
+    def client(i: int) -> None:
+        r = redis.Redis(port=port, socket_timeout=120)
+        key = f"bench:{i}"
+        r.set(key, memoryview(value))  # connect + warm
+        barrier.wait()
+        try:
+            for _ in range(ops):
+                t0 = time.perf_counter()
+                r.set(key, memoryview(value))
+                t1 = time.perf_counter()
+                got = r.get(key)
+                t2 = time.perf_counter()
+                if got is None or len(got) != size:
+                    errors.append(f"client {i}: bad value")
+                set_time[i] += t1 - t0
+                get_time[i] += t2 - t1
+                get_lat.append(t2 - t1)
+            r.delete(key)
+        finally:
+            r.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    wall0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(errors[0])
+    moved = size * ops * clients
+    # sets and gets alternate, so each kind's aggregate rate is bytes over its share of the wall time
+    wall = time.perf_counter() - wall0
+    share_get = sum(get_time) / max(sum(get_time) + sum(set_time), 1e-9)
+    get_lat.sort()
+    return {"gbps": moved / (wall * share_get) / 1e9, "set_gbps": moved / (wall * (1 - share_get)) / 1e9,
+            "p50_ms": statistics.median(get_lat) * 1e3,
+            "p99_ms": get_lat[min(len(get_lat) - 1, int(len(get_lat) * 0.99))] * 1e3}
+
+
+def _start_server(disk: str) -> tuple[subprocess.Popen, int]:
+    from kvmw.storage_tiers.redis_server import free_port, ping
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "kvmw", "serve", "--port", str(port), "--disk-path", disk],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not ping("127.0.0.1", port, 0.2):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("kvmw serve did not start")
+        time.sleep(0.05)
+    return proc, port
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from kvmw.storage_tiers.redis_server import default_url, host_port
+
+    redis_port = host_port(args.redis_url or default_url())[1]
+    raw = raw_tcp_gbps()
+    out: dict[str, Any] = {"server": {}, "redis": {}, "raw_tcp_gbps": raw, "machine": machine()}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="kvmw-bench-server-") as disk:
+        proc, port = _start_server(disk)
+        try:
+            for size_name, size in SIZES.items():
+                for clients in args.clients:
+                    ops = args.ops or (10 if size < 8 << 20 else 3)
+                    print(f"[bench] {size_name} x {clients} clients", flush=True)
+                    s = _cell(port, size, clients, ops)
+                    r = _cell(redis_port, size, clients, ops)
+                    out["server"].setdefault(size_name, {})[str(clients)] = s
+                    out["redis"].setdefault(size_name, {})[str(clients)] = r
+                    rows.append([size_name, clients, s["gbps"], r["gbps"], s["gbps"] / r["gbps"],
+                                 s["set_gbps"], r["set_gbps"], s["p50_ms"], r["p50_ms"], s["p99_ms"], r["p99_ms"]])
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    print_table(["value", "clients", "kvmw GET GB/s", "redis GET", "x redis", "kvmw SET", "redis SET",
+                 "kvmw p50 ms", "redis p50", "kvmw p99", "redis p99"], rows)
+    one = out["server"]["3MiB"].get("1")
+    if one:
+        print(f"raw TCP loopback (1 stream): {raw:.2f} GB/s; kvmw 3 MiB GET with 1 client = "
+              f"{one['gbps'] / raw:.2f}x of it")
+    write_json(args.json, out)
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--clients", nargs="+", type=int, default=list(CLIENTS))
+    p.add_argument("--ops", type=int, default=0, help="SET+GET rounds per client (default 10 / 3)")
+    p.add_argument("--redis-url", default="")
+    p.add_argument("--json", default="")
