@@ -395,6 +395,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", default="", help="required for non-loopback addresses (AUTH)")
     p.add_argument("--config", default=None, help="kvmw YAML: cpu_capacity, disk_path, disk_capacity, policy")
     p.add_argument("--disk-path", default=None)
+    p.add_argument("--memory-only", action="store_true", help="no disk spill (nothing survives a restart)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -405,7 +406,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = KVMWConfig.load(args.config)
     server = KVServer(ServerConfig(
         host=args.host, port=args.port, http_port=args.http_port, token=args.token,
-        memory_capacity=cfg.cpu_capacity, disk_path=args.disk_path or str(cfg.disk_dir / "server"),
+        memory_capacity=cfg.cpu_capacity,
+        disk_path="" if args.memory_only else (args.disk_path or str(cfg.disk_dir / "server")),
         disk_capacity=cfg.disk_capacity, policy=cfg.policy))
-    asyncio.run(server.serve_forever())
+    asyncio.run(server.serve_forever())  # uvloop measured no faster here (3 MiB GET, 1 client)
     return 0

@@ -104,11 +104,12 @@ def _cell(port: int, size: int, clients: int, ops: int) -> dict[str, float]:
             "p99_ms": get_lat[min(len(get_lat) - 1, int(len(get_lat) * 0.99))] * 1e3}
 
 
-def _start_server(disk: str) -> tuple[subprocess.Popen, int]:
+def _start_server(disk: str, memory_only: bool) -> tuple[subprocess.Popen, int]:
     from kvmw.storage_tiers.redis_server import free_port, ping
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "kvmw", "serve", "--port", str(port), "--disk-path", disk],
+    cmd = [sys.executable, "-m", "kvmw", "serve", "--port", str(port), "--disk-path", disk]
+    proc = subprocess.Popen(cmd + (["--memory-only"] if memory_only else []),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while not ping("127.0.0.1", port, 0.2):
@@ -127,7 +128,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"server": {}, "redis": {}, "raw_tcp_gbps": raw, "machine": machine()}
     rows = []
     with tempfile.TemporaryDirectory(prefix="kvmw-bench-server-") as disk:
-        proc, port = _start_server(disk)
+        proc, port = _start_server(disk, args.memory_only)
         try:
             for size_name, size in SIZES.items():
                 for clients in args.clients:
@@ -156,4 +157,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients", nargs="+", type=int, default=list(CLIENTS))
     p.add_argument("--ops", type=int, default=0, help="SET+GET rounds per client (default 10 / 3)")
     p.add_argument("--redis-url", default="")
+    p.add_argument("--memory-only", action="store_true",
+                   help="run kvmw serve without its disk spill (Redis here keeps nothing on disk either)")
     p.add_argument("--json", default="")
