@@ -199,3 +199,77 @@ def test_32_concurrent_clients_lose_and_corrupt_nothing(server):
     assert not errors and len(done) == 32
     rss_kb = int(open(f"/proc/{server.proc.pid}/status").read().split("VmRSS:")[1].split()[0])
     assert rss_kb < 1_500_000  # bounded: ~1,600 live values of <4 KiB, plus the interpreter
+
+
+ENGINE = r"""
+import json, sys, torch
+from kvmw.config import KVMWConfig
+from kvmw.integrations.hf import KVMW
+from kvmw.integrations.hf.models import load
+from kvmw.text_data import essay_text
+model, tok = load("smollm2")
+ids = tok(essay_text(4000), return_tensors="pt").input_ids[:, :300]
+hook = KVMW(model, tok, KVMWConfig.load(env={}, tiers=["server"], server_url=sys.argv[1], chunk_size=128))
+out = hook.generate(ids, max_new_tokens=6, do_sample=False)
+hook.close()
+print(json.dumps({"tokens": out[0].tolist(), "reused": hook.stats()["tokens_reused"]}))
+"""
+
+
+def test_two_engine_processes_share_a_prefix_through_the_server(server, smollm2):
+    import json
+
+    runs = []
+    for _ in range(2):
+        res = subprocess.run([sys.executable, "-c", ENGINE, server.url], capture_output=True, text=True,
+                             timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert res.returncode == 0, res.stderr[-2000:]
+        runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    assert runs[0]["reused"] == 0 and runs[1]["reused"] == 256  # the second engine's first request is warm
+    assert runs[0]["tokens"] == runs[1]["tokens"]
+
+
+def test_sigkill_during_writes_keeps_every_synced_value_and_serves_nothing_torn(tmp_path):
+    import hashlib
+    import threading
+
+    import redis
+
+    s = ServerProcess(tmp_path / "disk").start()
+    synced, written, stop = set(), {}, threading.Event()
+
+    def writer():
+        r = redis.Redis(port=s.port, socket_timeout=10)
+        i = 0
+        try:
+            while not stop.is_set():
+                body = os.urandom(256 << 10)
+                key = f"w{i}"
+                r.set(key, hashlib.sha256(body).digest() + body)
+                written[key] = True
+                i += 1
+                if i % 5 == 0:
+                    r.execute_command("KVMW.SYNC")
+                    synced.update(k for k in list(written))
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            pass  # the server was killed under us
+
+    t = threading.Thread(target=writer)
+    t.start()
+    time.sleep(1.5)
+    s.stop(signal.SIGKILL)
+    stop.set()
+    t.join(30)
+    assert len(synced) >= 10
+    s2 = ServerProcess(tmp_path / "disk").start()
+    try:
+        r = redis.Redis(port=s2.port)
+        for key in synced:
+            value = r.get(key)
+            assert value is not None, key
+            assert hashlib.sha256(value[32:]).digest() == value[:32]
+        for raw in r.scan_iter(match="w*"):  # whatever else survived is whole
+            value = r.get(raw)
+            assert hashlib.sha256(value[32:]).digest() == value[:32]
+    finally:
+        s2.stop(signal.SIGKILL)
