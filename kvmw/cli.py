@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_arguments(p_demo)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    verbose = args.verbose or args.command == "serve"  # a server's log says what happened
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command == "inspect":
         from kvmw.inventory import inspect_store

@@ -168,6 +168,7 @@ class KVServer:
                     args = await self._read_command(reader)
                 except (ProtocolError, ValueError, asyncio.LimitOverrunError) as e:
                     self.counts["protocol_errors"] += 1
+                    log.info("closing %s: protocol error: %s", writer.get_extra_info("peername"), e)
                     writer.write(b"-ERR protocol error: " + str(e).encode()[:200] + b"\r\n")
                     await writer.drain()
                     return
