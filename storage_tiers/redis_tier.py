@@ -145,7 +145,8 @@ class RedisTier(Tier):
             yield key, size
 
     def used_bytes(self) -> int:
-        return self.counters.bytes_written  # Redis owns eviction; this is what we wrote
+        """Not tracked: Redis owns its memory and eviction (`kvmw inspect` sums `entries()`)."""
+        return 0
 
     def close(self) -> None:
         if self._client is not None:
