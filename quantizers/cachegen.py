@@ -24,8 +24,8 @@ import torch
 import zstandard
 
 from kvmw.errors import ConfigError, CorruptBlobError
-from kvmw.quantizers.base import Quantizer, register_quantizer, tensor_bytes
-from kvmw.quantizers.common import Workspace, as_tensor, int_opt, round_half_up_, split_payload
+from kvmw.quantizers.base import Quantizer, register_quantizer, tensor_bytes, tensor_from_bytes
+from kvmw.quantizers.common import Workspace, int_opt, round_half_up_, split_payload
 
 BITS = range(2, 9)
 QMAX = 127  # symbols are uint8 0..254; |delta| beyond 127 steps is clamped
@@ -118,7 +118,6 @@ class CacheGen(Quantizer):
 
     def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype,
                device: torch.device | None = None) -> torch.Tensor:
-        L = shape[0]
         S, T, ng, C = self._dims(shape)
         g = self.group
         fixed = [S * ng * C, S * ng * 2, S * C * 2]
@@ -126,8 +125,8 @@ class CacheGen(Quantizer):
             raise CorruptBlobError("cachegen payload shorter than its fixed part")
         ab, asb, dsb, rest = split_payload(payload, fixed + [payload.nbytes - sum(fixed)])
         symbols = self._entropy_decode(rest, S, ng * (g - 1) * C)
-        a_hat = as_tensor(ab, torch.int8, (S, ng, C)).float() * as_tensor(asb, torch.float16, (S, ng, 1)).float()
-        d_step = as_tensor(dsb, torch.float16, (S, C)).float()
+        a_hat = tensor_from_bytes(ab, torch.int8, (S, ng, C)).float() * tensor_from_bytes(asb, torch.float16, (S, ng, 1)).float()
+        d_step = tensor_from_bytes(dsb, torch.float16, (S, C)).float()
         x = self._ws.get("xd", (S, ng, g, C), torch.float32)
         x[:, :, 0].copy_(a_hat)
         d = x[:, :, 1:]

@@ -49,7 +49,6 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     if bits == 8:
         return packed[:numel]
-    per = 8 // bits
     mask = (1 << bits) - 1
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
     out = (packed.reshape(-1, 1) >> shifts) & mask
@@ -70,12 +69,6 @@ def split_payload(payload: memoryview, sizes: list[int]) -> list[memoryview]:
         out.append(payload[off:off + s])
         off += s
     return out
-
-
-def as_tensor(buf: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    from kvmw.quantizers.base import tensor_from_bytes
-
-    return tensor_from_bytes(buf, dtype, shape)
 
 
 def round_half_up_(x: torch.Tensor) -> torch.Tensor:

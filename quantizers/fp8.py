@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvmw.quantizers.base import Quantizer, register_quantizer, tensor_bytes
-from kvmw.quantizers.common import Workspace, as_tensor, split_payload
+from kvmw.quantizers.base import Quantizer, register_quantizer, tensor_bytes, tensor_from_bytes
+from kvmw.quantizers.common import Workspace, split_payload
 
 E4M3_MAX = 448.0
 
@@ -72,6 +72,6 @@ class FP8(Quantizer):
         out = torch.empty((rows, cols), dtype=dtype)
         np.take(lut, codes, out=out.view(torch.int16 if dtype != torch.float32 else torch.int32)
                 .numpy().reshape(-1))
-        scale = as_tensor(sb, torch.float16, (rows, 1))
+        scale = tensor_from_bytes(sb, torch.float16, (rows, 1))
         out.mul_(scale)
         return out.view(shape)

@@ -13,10 +13,9 @@ import numpy as np
 import torch
 
 from kvmw.quantizers import triton_kernels
-from kvmw.quantizers.base import Quantizer, register_quantizer, tensor_bytes
+from kvmw.quantizers.base import Quantizer, register_quantizer, tensor_bytes, tensor_from_bytes
 from kvmw.quantizers.common import (
     Workspace,
-    as_tensor,
     int_opt,
     pack_bits,
     round_half_up_,
@@ -96,8 +95,8 @@ class Int4(Quantizer):
                device: torch.device | None = None) -> torch.Tensor:
         n = self._groups(shape)
         pb, mb, sb = split_payload(payload, [n * self.group // 2, n * 2, n * 2])
-        packed = as_tensor(pb, torch.uint8, (n * self.group // 2,))
-        mn, step = as_tensor(mb, torch.float16, (n,)), as_tensor(sb, torch.float16, (n,))
+        packed = tensor_from_bytes(pb, torch.uint8, (n * self.group // 2,))
+        mn, step = tensor_from_bytes(mb, torch.float16, (n,)), tensor_from_bytes(sb, torch.float16, (n,))
         if device is not None or triton_kernels.use_triton(packed):
             target = device or packed.device
             return triton_kernels.group_dequantize(packed.to(target), mn.to(target), step.to(target), 4,

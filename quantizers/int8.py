@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from kvmw.quantizers import triton_kernels
-from kvmw.quantizers.base import Quantizer, register_quantizer, tensor_bytes
-from kvmw.quantizers.common import Workspace, as_tensor, round_half_up_, split_payload
+from kvmw.quantizers.base import Quantizer, register_quantizer, tensor_bytes, tensor_from_bytes
+from kvmw.quantizers.common import Workspace, round_half_up_, split_payload
 
 
 def _absmax_quant(x: torch.Tensor, dim: int, q: torch.Tensor) -> torch.Tensor:
@@ -96,8 +96,8 @@ class Int8(Quantizer):
         kshape, vshape = self._scale_shapes(L, T, C)
         n_k, n_v = kshape[0] * kshape[1] * kshape[2], L * T
         kb, vb, ksb, vsb = split_payload(payload, [L * T * C, L * T * C, n_k * 2, n_v * 2])
-        kq, vq = as_tensor(kb, torch.int8, (L, T, C)), as_tensor(vb, torch.int8, (L, T, C))
-        ks, vs = as_tensor(ksb, torch.float16, kshape), as_tensor(vsb, torch.float16, vshape)
+        kq, vq = tensor_from_bytes(kb, torch.int8, (L, T, C)), tensor_from_bytes(vb, torch.int8, (L, T, C))
+        ks, vs = tensor_from_bytes(ksb, torch.float16, kshape), tensor_from_bytes(vsb, torch.float16, vshape)
         if device is not None or triton_kernels.use_triton(kq):
             target = device or kq.device
             out = torch.empty(shape, dtype=dtype, device=target)

@@ -18,8 +18,8 @@ import torch
 
 from kvmw.quantizers import triton_kernels
 from kvmw.errors import CorruptBlobError
-from kvmw.quantizers.base import Quantizer, register_quantizer, tensor_bytes
-from kvmw.quantizers.common import Workspace, as_tensor, int_opt, pack_bits, packed_len, split_payload, unpack_bits
+from kvmw.quantizers.base import Quantizer, register_quantizer, tensor_bytes, tensor_from_bytes
+from kvmw.quantizers.common import Workspace, int_opt, pack_bits, packed_len, split_payload, unpack_bits
 from kvmw.quantizers.int4 import dequantize_groups, quantize_groups
 
 GROUPS = (16, 32, 64, 128)
@@ -123,7 +123,7 @@ class Kivi(Quantizer):
             raise CorruptBlobError("kivi payload too short for its exact tokens")
         out = self._decode_quantized(payload[2 + raw:], shape, dtype, device)
         if keep:
-            out[:, :, :keep] = as_tensor(payload[2:2 + raw], dtype, (L, 2, keep, H, D)).to(out.device)
+            out[:, :, :keep] = tensor_from_bytes(payload[2:2 + raw], dtype, (L, 2, keep, H, D)).to(out.device)
         return out
 
     def _decode_quantized(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype,
@@ -131,10 +131,10 @@ class Kivi(Quantizer):
         L, T, C, tp, G = self._dims(shape)
         kp, kmn, kst, vp, vmn, vst = split_payload(payload, self._sizes(shape))
         nk, nv = L * (tp // G) * C, L * T * C // G
-        kparts = (as_tensor(kp, torch.uint8, (kp.nbytes,)), as_tensor(kmn, torch.float16, (nk,)),
-                  as_tensor(kst, torch.float16, (nk,)))
-        vparts = (as_tensor(vp, torch.uint8, (vp.nbytes,)), as_tensor(vmn, torch.float16, (nv,)),
-                  as_tensor(vst, torch.float16, (nv,)))
+        kparts = (tensor_from_bytes(kp, torch.uint8, (kp.nbytes,)), tensor_from_bytes(kmn, torch.float16, (nk,)),
+                  tensor_from_bytes(kst, torch.float16, (nk,)))
+        vparts = (tensor_from_bytes(vp, torch.uint8, (vp.nbytes,)), tensor_from_bytes(vmn, torch.float16, (nv,)),
+                  tensor_from_bytes(vst, torch.float16, (nv,)))
         on_kernel = device is not None or triton_kernels.use_triton(kparts[0])
         target = device or torch.device("cpu")
         out = torch.empty(shape, dtype=dtype, device=target)
