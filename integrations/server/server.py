@@ -31,12 +31,14 @@ import fnmatch
 import hmac
 import logging
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import xxhash
 
+from kvmw.integrations.server.connection import Connection, ConnectionClosed, FrameTooLong
 from kvmw.storage_tiers.disk import DiskTier
 from kvmw.storage_tiers.memory import CPUTier
 from kvmw.storage_tiers.tiered import TieredStore
@@ -86,15 +88,20 @@ class KVServer:
         self.store = TieredStore(tiers, write_queue=1024, validate=False)
         self.expiry: dict[str, float] = {}
         self.counts = {"connections": 0, "commands": 0, "errors": 0, "protocol_errors": 0}
-        self._servers: list[asyncio.AbstractServer] = []
+        self._servers: list[asyncio.AbstractServer] = []  # the HTTP endpoint
+        self._listeners: list[socket.socket] = []
+        self._accepting: asyncio.Task | None = None
+        self._clients: set[asyncio.Task] = set()
         self._stopped = asyncio.Event()
 
     # ---- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
-        srv = await asyncio.start_server(self._client, self.config.host, self.config.port,
-                                         limit=1 << 20)
-        self._servers.append(srv)
-        self.config.port = srv.sockets[0].getsockname()[1]
+        listener = socket.create_server((self.config.host, self.config.port), backlog=1024,
+                                        family=_family(self.config.host))
+        listener.setblocking(False)
+        self._listeners.append(listener)
+        self._accepting = asyncio.get_running_loop().create_task(self._accept(listener))
+        self.config.port = listener.getsockname()[1]
         if self.config.http_port >= 0 and self.config.http_port != 0:
             http = await asyncio.start_server(self._http, self.config.host, self.config.http_port)
             self._servers.append(http)
@@ -111,6 +118,10 @@ class KVServer:
               + (f" (http {self.config.http_port})" if self.config.http_port else ""), flush=True)
         await self._stopped.wait()
         log.info("kvmw serve: shutting down, flushing writes to disk")
+        if self._accepting is not None:
+            self._accepting.cancel()
+        for listener in self._listeners:
+            listener.close()
         for s in self._servers:
             s.close()
         self.store.close(flush_timeout=60)
@@ -120,30 +131,32 @@ class KVServer:
             yield from tier.entries()
 
     # ---- RESP -------------------------------------------------------------------------
-    async def _read_command(self, reader: asyncio.StreamReader) -> list[bytes] | None:
-        line = await reader.readline()
-        if not line:
-            return None
-        if not line.endswith(b"\r\n"):
-            raise ProtocolError("line too long or not CRLF-terminated")
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            sock, _ = await loop.sock_accept(listener)
+            task = loop.create_task(self._client(Connection(sock, loop)))
+            self._clients.add(task)
+            task.add_done_callback(self._clients.discard)
+
+    async def _read_command(self, conn: Connection) -> list[bytes]:
+        line = await conn.readline()
         if line[:1] != b"*":  # inline command (PING from shell tools)
-            parts = line.strip().split()
-            if not parts:
-                return []
-            return parts
+            return line.split()
         try:
-            n = int(line[1:-2])
+            n = int(line[1:])
         except ValueError:
             raise ProtocolError("bad array length") from None
         if not 0 < n <= self.config.max_args:
             raise ProtocolError(f"array length {n} outside 1..{self.config.max_args}")
-        args, total = [], 0
+        args: list[bytes] = []
+        total = 0
         for _ in range(n):
-            head = await reader.readline()
-            if head[:1] != b"$" or not head.endswith(b"\r\n"):
+            head = await conn.readline()
+            if head[:1] != b"$":
                 raise ProtocolError("expected a bulk string")
             try:
-                size = int(head[1:-2])
+                size = int(head[1:])
             except ValueError:
                 raise ProtocolError("bad bulk length") from None
             if not 0 <= size <= self.config.max_value:
@@ -151,37 +164,33 @@ class KVServer:
             total += size
             if total > self.config.max_request:
                 raise ProtocolError(f"request exceeds max_request {self.config.max_request}")
-            data = await reader.readexactly(size)  # the value itself: no slicing copy after
-            if await reader.readexactly(2) != b"\r\n":
+            args.append(await conn.readexactly(size))
+            if not await conn.expect_crlf():
                 raise ProtocolError("bulk not CRLF-terminated")
-            args.append(data)
         return args
 
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _client(self, conn: Connection) -> None:
         self.counts["connections"] += 1
         authed = not self.config.token
         proto = 2
         queued: list[list[bytes]] | None = None
+        out = conn.queue
         try:
             while True:
                 try:
-                    args = await self._read_command(reader)
-                except (ProtocolError, ValueError, asyncio.LimitOverrunError) as e:
+                    args = await self._read_command(conn)
+                except (ProtocolError, FrameTooLong) as e:
                     self.counts["protocol_errors"] += 1
-                    log.info("closing %s: protocol error: %s", writer.get_extra_info("peername"), e)
-                    writer.write(b"-ERR protocol error: " + str(e).encode()[:200] + b"\r\n")
-                    await writer.drain()
-                    return
-                except asyncio.IncompleteReadError:
-                    return
-                if args is None:
+                    log.info("closing %s: protocol error: %s", conn.peer, e)
+                    out(b"-ERR protocol error: " + str(e).encode()[:200] + b"\r\n")
+                    await conn.flush()
                     return
                 if not args:
                     continue
-                name = args[0].upper()
+                name = bytes(args[0]).upper()
                 if name == b"QUIT":
-                    writer.write(b"+OK\r\n")
-                    await writer.drain()
+                    out(b"+OK\r\n")
+                    await conn.flush()
                     return
                 if name == b"HELLO":
                     want = int(args[1]) if len(args) > 1 and args[1].isdigit() else proto
@@ -190,52 +199,52 @@ class KVServer:
                         i = upper.index(b"AUTH")
                         ok = len(args) > i + 2 and hmac.compare_digest(args[i + 2], self.config.token.encode())
                         if self.config.token and not ok:
-                            writer.write(b"-WRONGPASS invalid token\r\n")
-                            await writer.drain()
+                            out(b"-WRONGPASS invalid token\r\n")
+                            await conn.flush()
                             continue
                         authed = authed or ok
                     if not authed:
-                        writer.write(b"-NOAUTH HELLO must be called with AUTH when a token is set\r\n")
+                        out(b"-NOAUTH HELLO must be called with AUTH when a token is set\r\n")
                     elif want not in (2, 3):
-                        writer.write(b"-NOPROTO unsupported protocol version\r\n")
+                        out(b"-NOPROTO unsupported protocol version\r\n")
                     else:
                         proto = want
-                        _send(writer, _hello(proto), proto)
+                        out(_hello(proto))
                 elif name == b"AUTH":
                     ok = len(args) in (2, 3) and hmac.compare_digest(args[-1], self.config.token.encode())
                     authed = authed or ok
-                    writer.write(b"+OK\r\n" if ok or not self.config.token else
-                                 b"-WRONGPASS invalid token\r\n")
+                    out(b"+OK\r\n" if ok or not self.config.token else b"-WRONGPASS invalid token\r\n")
                 elif not authed and name != b"PING":  # PING stays open for health checks
-                    writer.write(b"-NOAUTH Authentication required.\r\n")
+                    out(b"-NOAUTH Authentication required.\r\n")
                 elif name == b"MULTI":
                     queued = []
-                    writer.write(b"+OK\r\n")
+                    out(b"+OK\r\n")
                 elif name == b"DISCARD":
                     queued = None
-                    writer.write(b"+OK\r\n")
+                    out(b"+OK\r\n")
                 elif name == b"EXEC":
                     if queued is None:
-                        writer.write(b"-ERR EXEC without MULTI\r\n")
+                        out(b"-ERR EXEC without MULTI\r\n")
                     else:
                         replies = [self._execute(a) for a in queued]  # no await: nothing interleaves
-                        writer.write(b"*%d\r\n" % len(replies))
+                        out(b"*%d\r\n" % len(replies))
                         for r in replies:
-                            _send(writer, r, proto)
+                            out(_reply(r, proto))
                         queued = None
                 elif queued is not None:
                     queued.append(args)
-                    writer.write(b"+QUEUED\r\n")
+                    out(b"+QUEUED\r\n")
                 elif name == b"KVMW.SYNC":
                     await asyncio.get_running_loop().run_in_executor(None, self.store.flush, 120.0)
-                    writer.write(b"+OK\r\n")
+                    out(b"+OK\r\n")
                 else:
-                    _send(writer, self._execute(args), proto)
-                await writer.drain()  # returns at once unless the client is slow to read
-        except (ConnectionError, asyncio.CancelledError):
+                    out(_reply(self._execute(args), proto))
+                if not conn.buffered() or len(conn.out) > 256:  # pipelined requests: reply in one go
+                    await conn.flush()
+        except (ConnectionClosed, ConnectionError, asyncio.CancelledError):
             return
         finally:
-            writer.close()
+            conn.close()
 
     # ---- commands ---------------------------------------------------------------------
     def _execute(self, args: list[bytes]) -> bytes:
@@ -365,13 +374,14 @@ class KVServer:
             writer.close()
 
 
-def _send(writer: asyncio.StreamWriter, reply: Any, proto: int) -> None:
+def _reply(reply: Any, proto: int) -> Any:
     if reply is None:  # the null reply differs between RESP2 and RESP3
-        writer.write(b"_\r\n" if proto == 3 else b"$-1\r\n")
-    elif isinstance(reply, list):
-        writer.writelines(reply)
-    else:
-        writer.write(reply)
+        return b"_\r\n" if proto == 3 else b"$-1\r\n"
+    return reply
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 def _hello(proto: int) -> bytes:
