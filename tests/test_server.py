@@ -9,6 +9,7 @@ import time
 import urllib.request
 
 import pytest
+import redis
 
 from kvmw.storage_tiers.redis_server import free_port, ping
 from kvmw.storage_tiers.server_tier import ServerTier
@@ -62,7 +63,6 @@ def test_kvmw_tiers_work_against_the_server(server):
     assert {k for k, _ in t.entries()} == {key_of(1), key_of(2)}
     t.delete(key_of(2))
     assert t.get(key_of(2)) is None
-    import redis
 
     r = redis.Redis(port=server.port)
     assert r.execute_command("KVMW.PREFIX", "p:{%s}" % key_of(1), "p:{nope}", "p:{%s}" % key_of(1)) == 1
@@ -100,6 +100,43 @@ def test_malformed_and_oversized_frames_get_an_error_and_a_closed_connection(ser
     assert ping("127.0.0.1", server.port)  # still serving
 
 
+def test_pipelined_commands_get_every_reply_in_order(server):
+    """Replies to requests that arrive together are gathered; none is lost or reordered."""
+    big = os.urandom(3 << 20)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        frames = [b"*3\r\n$3\r\nSET\r\n$1\r\nb\r\n$%d\r\n" % len(big) + big + b"\r\n"]
+        frames += [b"*3\r\n$3\r\nSET\r\n$2\r\nk%d\r\n$2\r\nv%d\r\n" % (i % 10, i % 10) for i in range(10)]
+        frames += [b"*2\r\n$3\r\nGET\r\n$2\r\nk%d\r\n" % i for i in range(10)]
+        frames += [b"PING\r\n", b"*2\r\n$3\r\nGET\r\n$1\r\nb\r\n"]
+        sock.sendall(b"".join(frames))
+        want = b"+OK\r\n" * 11 + b"".join(b"$2\r\nv%d\r\n" % i for i in range(10)) + b"+PONG\r\n"
+        want += b"$%d\r\n" % len(big) + big + b"\r\n"
+        got = bytearray()
+        while len(got) < len(want):
+            chunk = sock.recv(1 << 20)
+            assert chunk, "connection closed early"
+            got += chunk
+        assert bytes(got) == want
+
+
+def test_a_client_that_does_not_read_its_reply_blocks_no_one_else(server):
+    big = os.urandom(32 << 20)
+    r = redis.Redis(port=server.port, socket_timeout=10)
+    r.set("big", big)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as slow:
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        for _ in range(4):  # 128 MiB of replies that nobody reads
+            slow.sendall(b"*2\r\n$3\r\nGET\r\n$3\r\nbig\r\n")
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        for i in range(20):
+            r.set(f"k{i}", b"x" * 100)
+            assert r.get(f"k{i}") == b"x" * 100
+        assert time.monotonic() - t0 < 5
+    assert r.get("big") == big
+    r.close()
+
+
 def test_health_and_metrics_endpoints(server):
     t = ServerTier(server.url, prefix="m:")
     t.put(key_of(1), blob_of(8))
@@ -117,7 +154,6 @@ def test_non_loopback_needs_a_token(tmp_path):
 
 
 def test_token_is_required_when_set(tmp_path):
-    import redis
 
     s = ServerProcess(tmp_path / "disk", "--token", "s3cret").start()
     try:
@@ -156,7 +192,6 @@ def test_fuzzed_frames_never_crash_the_server(server):
 
     fuzz()
     assert server.proc.poll() is None
-    import redis
 
     r = redis.Redis(port=server.port)
     assert r.set("after", b"fuzz") and r.get("after") == b"fuzz"
@@ -167,7 +202,6 @@ def test_32_concurrent_clients_lose_and_corrupt_nothing(server):
     import random
     import threading
 
-    import redis
 
     errors, done = [], []
 
@@ -233,7 +267,6 @@ def test_sigkill_during_writes_keeps_every_synced_value_and_serves_nothing_torn(
     import hashlib
     import threading
 
-    import redis
 
     s = ServerProcess(tmp_path / "disk").start()
     synced, written, stop = set(), {}, threading.Event()
