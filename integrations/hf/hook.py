@@ -98,6 +98,30 @@ class KVMW:
         self.detach()
         self.store.close()
 
+    # ---- RAG: position-independent documents (kvmw.blending) ----------------------------
+    def generate_rag(self, documents: Any, question: Any, strategy: str = "cacheblend",
+                     recompute_ratio: float = 0.15, preamble: Any = None, **generate_kwargs: Any) -> Any:
+        """Answer `question` over `documents` (strings or token lists), reusing each
+        document's stored KV at whatever offset and order it has in this prompt.
+
+        Strategies: "full_prefill" (no reuse, the baseline), "full_reuse" (no
+        recomputation), "cacheblend" (recompute the `recompute_ratio` share of
+        document tokens whose KV deviates most at the check layer) and "epic"
+        (recompute each document's first tokens). Unseen documents are prefilled
+        alone and stored. Returns a `kvmw.blending.RAGResult` (ids, text, the
+        number of recomputed tokens, documents per tier, timings).
+        """
+        from kvmw.blending.rag import generate_rag
+
+        return generate_rag(self, documents, question, strategy, recompute_ratio, preamble, **generate_kwargs)
+
+    def _blender(self) -> Any:
+        if getattr(self, "_rag", None) is None:
+            from kvmw.blending.rag import RAGBlender
+
+            self._rag = RAGBlender(self)
+        return self._rag
+
     # ---- the call -------------------------------------------------------------------
     def generate(self, inputs: Any = None, **kwargs: Any) -> Any:
         ids = self._input_ids(inputs, kwargs)

@@ -1,0 +1,212 @@
+"""RAG prompts from separately cached documents: load, re-position, blend, generate.
+
+A prompt is `preamble + documents... + question`. Each document's KV is
+computed on its own (positions 0..n-1) and stored under a position-independent
+chunk key; a later prompt loads it from whichever tier holds it, moves its keys
+to the document's offset in this prompt (`Repositioner`), and a strategy
+recomputes a chosen subset of tokens on top (`LlamaLikeAdapter`). Generation
+then continues from the blended cache with the model's own `generate`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from kvmw.blending import cacheblend, epic  # noqa: F401  (register the strategies)
+from kvmw.blending.adapter import LlamaLikeAdapter, ScatterKV
+from kvmw.blending.rope import Repositioner
+from kvmw.blending.strategy import BlendPlan, make_strategy
+from kvmw.errors import BlobError
+from kvmw.layout import to_hf_layers
+
+log = logging.getLogger("kvmw.blending")
+
+
+@dataclass
+class RAGResult:
+    sequences: torch.Tensor  # prompt + generated ids, [1, N + new]
+    prompt_tokens: int
+    text: str | None = None
+    strategy: str = ""
+    recompute_ratio: float = 0.0
+    recomputed_tokens: int = 0  # tokens that ran in the selective layers (question included)
+    full_layers: int = 0  # leading layers that ran for every token
+    documents_loaded: dict[str, int] = field(default_factory=dict)  # tier -> documents
+    documents_prefilled: int = 0
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: lookup, load, prefill, recompute, ttft
+
+
+class _FirstTokenClock:
+    """A generate streamer that notes when the first new token exists (and forwards to another)."""
+
+    def __init__(self, inner: Any = None) -> None:
+        self.inner, self.calls, self.first = inner, 0, None
+
+    def put(self, value: Any) -> None:
+        self.calls += 1
+        if self.calls == 2 and self.first is None:  # call 1 is the prompt
+            self.first = time.perf_counter()
+        if self.inner is not None:
+            self.inner.put(value)
+
+    def end(self) -> None:
+        if self.inner is not None:
+            self.inner.end()
+
+
+class RAGBlender:
+    """Blending for one model over the hook's store, keys and codec."""
+
+    def __init__(self, hook: Any) -> None:
+        self.hook = hook
+        self.model = hook.model
+        self.adapter = LlamaLikeAdapter(self.model)
+        self.repositioner = Repositioner(self.model)
+
+    # ---- inputs ---------------------------------------------------------------------
+    def _ids(self, text_or_ids: Any, special: bool = False) -> torch.Tensor:
+        if isinstance(text_or_ids, str):
+            if self.hook.tokenizer is None:
+                raise ValueError("text documents need the tokenizer passed to KVMW(...)")
+            return self.hook.tokenizer(text_or_ids, return_tensors="pt",
+                                       add_special_tokens=special).input_ids[0]
+        ids = torch.as_tensor(text_or_ids, dtype=torch.long).reshape(-1)
+        if ids.numel() == 0:
+            raise ValueError("empty document or question")
+        return ids
+
+    def segments(self, documents: Sequence[Any], question: Any, preamble: Any = None
+                 ) -> tuple[torch.Tensor, list[tuple[int, int]], torch.Tensor | None]:
+        """(prompt ids [N], document spans, preamble ids): documents keep their own tokens."""
+        parts: list[torch.Tensor] = []
+        pre = None
+        if preamble is not None:
+            pre = self._ids(preamble, special=True)
+            parts.append(pre)
+        spans = []
+        offset = 0 if pre is None else len(pre)
+        for doc in documents:
+            ids = self._ids(doc)
+            parts.append(ids)
+            spans.append((offset, offset + len(ids)))
+            offset += len(ids)
+        parts.append(self._ids(question))
+        return torch.cat(parts), spans, pre
+
+    # ---- documents ------------------------------------------------------------------
+    def document_kv(self, ids: torch.Tensor, result: RAGResult) -> torch.Tensor:
+        """The document's canonical KV at positions 0..n-1, from the store or prefilled and stored."""
+        from kvmw.integrations.hf.capture import capture_kv
+        from kvmw.quantizers import decode_blob
+
+        hook, key = self.hook, self.hook.keyspace.chunk_key(ids)
+        param = next(self.model.parameters())
+        t0 = time.perf_counter()
+        blob, tier = hook.store.fetch(key, hook.fingerprint.digest)
+        if blob is not None:
+            try:
+                kv, meta = decode_blob(blob, hook.fingerprint.digest, device=param.device)
+                if kv.shape[2] == len(ids) and (meta.positions == range(len(ids))).all():
+                    result.documents_loaded[tier] = result.documents_loaded.get(tier, 0) + 1
+                    result.timings["load"] += time.perf_counter() - t0
+                    return kv.to(param.dtype)
+                log.warning("kvmw: document %s holds other positions; prefilling it again", key)
+            except BlobError as e:
+                log.warning("kvmw: document %s did not decode (%s); prefilling it again", key, e)
+            hook.store.delete(key)
+        result.timings["load"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        kv = capture_kv(self.model, ids)
+        blob = hook.codec.encode(kv, hook.fingerprint.digest, extra={"kind": "document"})
+        hook.store.put(key, blob, cost=float(len(ids)))
+        result.documents_prefilled += 1
+        result.timings["prefill"] += time.perf_counter() - t0
+        return kv
+
+    # ---- the blend ------------------------------------------------------------------
+    @torch.inference_mode()
+    def blend(self, ids: torch.Tensor, spans: list[tuple[int, int]], doc_kvs: list[torch.Tensor],
+              strategy: Any, result: RAGResult) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-layer KV [1, H, N, D] of the whole prompt after selective recomputation."""
+        n, device = len(ids), self.model.device
+        dtype = next(self.model.parameters()).dtype
+        first = doc_kvs[0] if doc_kvs else None
+        L = self.adapter.num_layers
+        heads, dim = (first.shape[3], first.shape[4]) if first is not None else _kv_geometry(self.model)
+        keys = [torch.zeros(1, heads, n, dim, dtype=dtype, device=device) for _ in range(L)]
+        values = [torch.zeros_like(k) for k in keys]
+        cached = torch.zeros(n, dtype=torch.bool)
+        t0 = time.perf_counter()
+        for (start, end), kv in zip(spans, doc_kvs):
+            for i, (k, v) in enumerate(to_hf_layers(kv)):
+                keys[i][:, :, start:end] = self.repositioner.rotate(k, start)
+                values[i][:, :, start:end] = v
+            cached[start:end] = True
+        result.timings["load"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        positions = torch.arange(n, device=device)
+        full = min(strategy.full_layers, L)
+        deviation: list[torch.Tensor] = []
+        hidden = self.adapter.embed(ids)
+        everyone = torch.arange(n, device=device)
+        for i in range(full):
+            kv = ScatterKV(keys, values, everyone, deviation if i == full - 1 else None)
+            hidden = self.adapter.run_layer(i, hidden, positions, kv, positions)
+        plan = BlendPlan(cached=cached, spans=spans)
+        chosen = strategy.select(plan, deviation[-1] if deviation else None) | ~cached
+        index = chosen.nonzero().squeeze(1).to(device)
+        hidden = hidden[:, index] if full else self.adapter.embed(ids[index.cpu()])
+        for i in range(full, L):
+            hidden = self.adapter.run_layer(i, hidden, positions[index], ScatterKV(keys, values, index), positions)
+        result.timings["recompute"] = time.perf_counter() - t0
+        result.recomputed_tokens = int(index.numel())
+        result.full_layers = full
+        return keys, values
+
+
+def _kv_geometry(model: Any) -> tuple[int, int]:
+    cfg = model.config
+    return cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def generate_rag(hook: Any, documents: Sequence[Any], question: Any, strategy: str = "cacheblend",
+                 recompute_ratio: float = 0.15, preamble: Any = None, **generate_kwargs: Any) -> RAGResult:
+    """See `KVMW.generate_rag`."""
+    from transformers import DynamicCache
+
+    t_start = time.perf_counter()
+    blender = hook._blender()
+    ids, spans, _ = blender.segments(documents, question, preamble)
+    result = RAGResult(sequences=ids[None], prompt_tokens=len(ids), strategy=strategy,
+                       recompute_ratio=recompute_ratio,
+                       timings={"lookup": 0.0, "load": 0.0, "prefill": 0.0, "recompute": 0.0})
+    clock = _FirstTokenClock(generate_kwargs.pop("streamer", None))
+    generate = hook._generate_fn()
+    device = hook.model.device
+    if strategy == "full_prefill":
+        result.recomputed_tokens, result.full_layers = len(ids), blender.adapter.num_layers
+        out = generate(ids[None].to(device), streamer=clock, **generate_kwargs)
+    else:
+        plan = make_strategy(strategy, recompute_ratio)
+        doc_ids = [ids[s:e] for s, e in spans]
+        t0 = time.perf_counter()
+        hook.store.contains([hook.keyspace.chunk_key(d) for d in doc_ids])  # one batched lookup per tier
+        result.timings["lookup"] = time.perf_counter() - t0
+        kvs = [blender.document_kv(d, result) for d in doc_ids]
+        keys, values = blender.blend(ids, spans, kvs, plan, result)
+        cache = DynamicCache(config=hook.model.config)
+        for i, (k, v) in enumerate(zip(keys, values)):
+            cache.update(k[:, :, :-1], v[:, :, :-1], i)  # generate computes the last prompt token
+        out = generate(ids[None].to(device), past_key_values=cache, streamer=clock, **generate_kwargs)
+    result.sequences = out if isinstance(out, torch.Tensor) else out.sequences
+    result.timings["ttft"] = (clock.first or time.perf_counter()) - t_start
+    result.timings["total"] = time.perf_counter() - t_start
+    if hook.tokenizer is not None:
+        result.text = hook.tokenizer.decode(result.sequences[0, len(ids):], skip_special_tokens=True)
+    return result

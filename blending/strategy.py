@@ -1,0 +1,73 @@
+"""What a blending strategy decides: which tokens to recompute, from which layer.
+
+A prompt is segments: cached documents (their KV loaded and re-positioned) and
+uncached text (preamble, question), which is always computed. A strategy says
+how many leading layers run for every token (`full_layers`), then which cached
+tokens also run in the remaining layers (`select`, which may use the KV
+deviation measured in the last full layer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+
+@dataclass
+class BlendPlan:
+    """Token bookkeeping of one prompt: cached mask [N] and each document's span."""
+
+    cached: torch.Tensor
+    spans: list[tuple[int, int]]
+
+    @property
+    def num_cached(self) -> int:
+        return int(self.cached.sum())
+
+
+@dataclass
+class BlendStrategy:
+    name: ClassVar[str] = ""
+    recompute_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.recompute_ratio <= 1.0:
+            raise ValueError(f"recompute_ratio must be in [0, 1]; got {self.recompute_ratio}")
+
+    @property
+    def full_layers(self) -> int:
+        return 0
+
+    def select(self, plan: BlendPlan, deviation: torch.Tensor | None) -> torch.Tensor:
+        """Bool [N]: cached tokens to recompute after the full layers (uncached ones always are)."""
+        raise NotImplementedError
+
+
+@dataclass
+class FullReuse(BlendStrategy):
+    """Every document token keeps its cached KV; only the uncached text is computed."""
+
+    name: ClassVar[str] = "full_reuse"
+
+    def select(self, plan: BlendPlan, deviation: torch.Tensor | None) -> torch.Tensor:
+        return torch.zeros_like(plan.cached)
+
+
+STRATEGIES: dict[str, type[BlendStrategy]] = {}
+
+
+def register(cls: type[BlendStrategy]) -> type[BlendStrategy]:
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+register(FullReuse)
+
+
+def make_strategy(name: str, recompute_ratio: float) -> BlendStrategy:
+    try:
+        return STRATEGIES[name](recompute_ratio=recompute_ratio)
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; known: full_prefill, {', '.join(STRATEGIES)}") from None

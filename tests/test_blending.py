@@ -1,0 +1,191 @@
+"""Position-independent RAG reuse on real SmolLM2 (and tiny random Llamas for rotary variants)."""
+
+import math
+
+import pytest
+import torch
+
+from kvmw.blending import (CacheBlend, EPIC, FullReuse, Repositioner, UnsupportedModelError,
+                           UnsupportedRotaryError)
+from kvmw.blending.adapter import LlamaLikeAdapter
+from kvmw.blending.rag import RAGResult
+from kvmw.blending.strategy import BlendPlan
+from kvmw.config import KVMWConfig
+from kvmw.integrations.hf import KVMW
+from kvmw.integrations.hf.capture import capture_kv
+from kvmw.layout import to_hf_layers
+from kvmw.storage_tiers import CPUTier, DiskTier, TieredStore
+from kvmw.text_data import essay_text
+
+GEN = dict(max_new_tokens=6, do_sample=False)
+QUESTION = "\n\nQuestion: Which document talks about money, and what does it say?\nAnswer:"
+
+
+@pytest.fixture(scope="module")
+def docs():
+    text = essay_text(12000)
+    return [text[i * 450:(i + 1) * 450] for i in range(3)]
+
+
+def tiny(rope_parameters):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      rope_parameters=rope_parameters)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def kv_at(model, ids, offset):
+    """Canonical KV of `ids` computed directly at positions offset..offset+n-1."""
+    with torch.inference_mode():
+        pos = torch.arange(offset, offset + len(ids))[None]
+        cache = model(ids[None], position_ids=pos, use_cache=True).past_key_values
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "default", "rope_theta": 10000.0},
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+     "high_freq_factor": 4.0, "original_max_position_embeddings": 256},
+    {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 512},
+])
+def test_repositioning_reproduces_directly_computed_keys(rope):
+    model = tiny(rope)
+    ids = torch.randint(0, 128, (50,))
+    moved = Repositioner(model)
+    at0, at = kv_at(model, ids, 0), kv_at(model, ids, 1234)
+    for (k0, v0), (k1, v1) in zip(at0, at):
+        assert not torch.allclose(k0, k1, atol=1e-2)  # the offset matters
+        torch.testing.assert_close(moved.rotate(k0, 1234), k1, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(v0, v1, atol=2e-5, rtol=1e-4)
+
+
+def test_repositioning_real_smollm2_keys(smollm2):
+    model, tok = smollm2
+    ids = tok(essay_text(600), return_tensors="pt").input_ids[0, :96]
+    moved = Repositioner(model)
+    for (k0, _), (k1, _) in zip(kv_at(model, ids, 0), kv_at(model, ids, 777)):
+        torch.testing.assert_close(moved.rotate(k0, 777), k1, atol=1e-3, rtol=1e-3)
+
+
+def test_length_dependent_rotary_and_foreign_models_are_refused():
+    with pytest.raises(UnsupportedRotaryError, match="dynamic"):
+        Repositioner(tiny({"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}))
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(UnsupportedModelError, match="gpt2"):
+        LlamaLikeAdapter(gpt2)
+    with pytest.raises(UnsupportedRotaryError):
+        Repositioner(gpt2)
+
+
+def test_cacheblend_picks_the_most_deviating_cached_tokens():
+    cached = torch.tensor([False, True, True, True, True, True, True, True, True, True, True, False])
+    deviation = torch.tensor([99.0, 1, 7, 3, 9, 2, 8, 0, 4, 5, 6, 99])
+    plan = BlendPlan(cached=cached, spans=[(1, 6), (6, 11)])
+    chosen = CacheBlend(recompute_ratio=0.3).select(plan, deviation)
+    assert chosen.nonzero().squeeze(1).tolist() == [2, 4, 6]  # 3 of 10 cached, never the uncached ends
+    epic = EPIC(recompute_ratio=0.3).select(plan, None)
+    assert epic.nonzero().squeeze(1).tolist() == [1, 2, 6, 7]  # ceil(0.3 * 5) = 2 head tokens per document
+    assert not FullReuse().select(plan, None).any()
+    with pytest.raises(ValueError):
+        CacheBlend(recompute_ratio=1.5)
+
+
+def hook_for(model, tok, store=None):
+    return KVMW(model, tok, KVMWConfig.load(env={}, chunk_size=128),
+                store=store or TieredStore([CPUTier(1 << 30)]))
+
+
+def exact_doc_kvs(model, ids, spans):
+    """The documents' KV cut from a full prefill of the whole prompt, moved back to position 0:
+    what is cached is then already exact, so any recomputation must reproduce it."""
+    full = capture_kv(model, ids)
+    moved = Repositioner(model)
+    out = []
+    for s, e in spans:
+        kv = full[:, :, s:e].clone()
+        kv[:, 0] = moved.rotate(kv[:, 0].permute(0, 2, 1, 3), -s).permute(0, 2, 1, 3)
+        out.append(kv)
+    return full, out
+
+
+@pytest.mark.parametrize("strategy", [CacheBlend(0.3), EPIC(0.3), FullReuse(), CacheBlend(0.0, check_layer=3)])
+def test_selective_recompute_over_exact_kv_changes_nothing(smollm2, docs, strategy):
+    """Recomputed tokens attend over cached ones with the right causal mask: with exact cached
+    KV, the blended KV of every layer equals the full prefill's (a query-vs-cache mask
+    misalignment would change the recomputed tokens' KV in every later layer)."""
+    model, tok = smollm2
+    blender = hook_for(model, tok)._blender()
+    ids, spans, _ = blender.segments(docs, QUESTION, preamble="Documents:\n")
+    full, kvs = exact_doc_kvs(model, ids, spans)
+    result = RAGResult(sequences=ids[None], prompt_tokens=len(ids), timings={"load": 0.0})
+    keys, values = blender.blend(ids, spans, kvs, strategy, result)
+    for i, (k, v) in enumerate(to_hf_layers(full)):
+        torch.testing.assert_close(keys[i], k, atol=2e-3, rtol=1e-3)
+        torch.testing.assert_close(values[i], v, atol=2e-3, rtol=1e-3)
+    uncached = len(ids) - sum(e - s for s, e in spans)
+    n_cached = len(ids) - uncached
+    want = {"cacheblend": round(strategy.recompute_ratio * n_cached),
+            "epic": sum(math.ceil(strategy.recompute_ratio * (e - s)) for s, e in spans),
+            "full_reuse": 0}[strategy.name]
+    assert result.recomputed_tokens == want + uncached > 0
+
+
+@pytest.mark.parametrize("strategy", ["cacheblend", "epic"])
+def test_full_recompute_equals_full_prefill(smollm2, docs, strategy):
+    model, tok = smollm2
+    hook = hook_for(model, tok)
+    ref = hook.generate_rag(docs, QUESTION, strategy="full_prefill", **GEN)
+    hook.generate_rag(docs, QUESTION, strategy="full_reuse", **GEN)  # stores the documents
+    blender = hook._blender()
+    ids, spans, _ = blender.segments(docs, QUESTION)
+    result = RAGResult(sequences=ids[None], prompt_tokens=len(ids), timings={"load": 0.0, "prefill": 0.0})
+    kvs = [blender.document_kv(ids[s:e], result) for s, e in spans]
+    assert result.documents_loaded == {"cpu": 3}
+    keys, values = blender.blend(ids, spans, kvs, {"cacheblend": CacheBlend, "epic": EPIC}[strategy](1.0), result)
+    for i, (k, v) in enumerate(to_hf_layers(capture_kv(model, ids))):
+        torch.testing.assert_close(keys[i], k, atol=2e-3, rtol=1e-3)
+        torch.testing.assert_close(values[i], v, atol=2e-3, rtol=1e-3)
+    out = hook.generate_rag(docs, QUESTION, strategy=strategy, recompute_ratio=1.0, **GEN)
+    assert out.recomputed_tokens == ref.prompt_tokens
+    assert torch.equal(out.sequences, ref.sequences)
+
+
+def test_documents_are_reused_in_any_order_and_offset_across_processes_tiers(smollm2, docs, tmp_path):
+    model, tok = smollm2
+    store = TieredStore([CPUTier(1 << 30), DiskTier(tmp_path, 1 << 30)])
+    first = hook_for(model, tok, store).generate_rag(docs, QUESTION, strategy="cacheblend", **GEN)
+    assert first.documents_prefilled == 3 and first.documents_loaded == {}
+    store.close()
+    # a new store over the same folder (a restarted process): the documents come from disk,
+    # reordered and behind a preamble, so at other offsets than they were computed at
+    hook = hook_for(model, tok, TieredStore([CPUTier(1 << 30), DiskTier(tmp_path, 1 << 30)]))
+    reordered = [docs[2], docs[0], docs[1]]
+    warm = hook.generate_rag(reordered, QUESTION, strategy="cacheblend", recompute_ratio=1.0,
+                             preamble="Read these:\n", **GEN)
+    assert warm.documents_prefilled == 0 and warm.documents_loaded == {"disk": 3}
+    ref = hook.generate_rag(reordered, QUESTION, strategy="full_prefill", preamble="Read these:\n", **GEN)
+    assert torch.equal(warm.sequences, ref.sequences)
+    reuse = hook.generate_rag(reordered, QUESTION, strategy="full_reuse", preamble="Read these:\n", **GEN)
+    assert reuse.documents_loaded == {"cpu": 3} and reuse.timings["ttft"] > 0
+    assert reuse.text is not None and set(reuse.timings) >= {"lookup", "load", "recompute", "ttft"}
+
+
+def test_a_corrupt_stored_document_is_prefilled_again(smollm2, docs):
+    model, tok = smollm2
+    hook = hook_for(model, tok)
+    ref = hook.generate_rag(docs, QUESTION, strategy="full_prefill", **GEN)
+    ids = hook._blender()._ids(docs[1])
+    key = hook.keyspace.chunk_key(ids)
+    hook.generate_rag(docs, QUESTION, strategy="full_reuse", **GEN)
+    blob = bytearray(hook.store.get(key))
+    blob[len(blob) // 2] ^= 0xFF
+    hook.store.tiers[0].put(key, bytes(blob))  # behind the store's back: a flipped bit in the payload
+    out = hook.generate_rag(docs, QUESTION, strategy="cacheblend", recompute_ratio=1.0, **GEN)
+    assert out.documents_prefilled == 1 and out.documents_loaded == {"cpu": 2}
+    assert torch.equal(out.sequences, ref.sequences)
