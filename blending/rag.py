@@ -39,6 +39,7 @@ class RAGResult:
     documents_loaded: dict[str, int] = field(default_factory=dict)  # tier -> documents
     documents_prefilled: int = 0
     timings: dict[str, float] = field(default_factory=dict)  # seconds: lookup, load, prefill, recompute, ttft
+    cache: Any = None  # the generation's DynamicCache, with keep_cache=True
 
 
 class _FirstTokenClock:
@@ -176,7 +177,8 @@ def _kv_geometry(model: Any) -> tuple[int, int]:
 
 
 def generate_rag(hook: Any, documents: Sequence[Any], question: Any, strategy: str = "cacheblend",
-                 recompute_ratio: float = 0.15, preamble: Any = None, **generate_kwargs: Any) -> RAGResult:
+                 recompute_ratio: float = 0.15, preamble: Any = None, keep_cache: bool = False,
+                 **generate_kwargs: Any) -> RAGResult:
     """See `KVMW.generate_rag`."""
     from transformers import DynamicCache
 
@@ -189,6 +191,8 @@ def generate_rag(hook: Any, documents: Sequence[Any], question: Any, strategy: s
     clock = _FirstTokenClock(generate_kwargs.pop("streamer", None))
     generate = hook._generate_fn()
     device = hook.model.device
+    if keep_cache:
+        generate_kwargs["return_dict_in_generate"] = True
     if strategy == "full_prefill":
         result.recomputed_tokens, result.full_layers = len(ids), blender.adapter.num_layers
         out = generate(ids[None].to(device), streamer=clock, **generate_kwargs)
@@ -205,6 +209,8 @@ def generate_rag(hook: Any, documents: Sequence[Any], question: Any, strategy: s
             cache.update(k[:, :, :-1], v[:, :, :-1], i)  # generate computes the last prompt token
         out = generate(ids[None].to(device), past_key_values=cache, streamer=clock, **generate_kwargs)
     result.sequences = out if isinstance(out, torch.Tensor) else out.sequences
+    if keep_cache:
+        result.cache = out.past_key_values
     result.timings["ttft"] = (clock.first or time.perf_counter()) - t_start
     result.timings["total"] = time.perf_counter() - t_start
     if hook.tokenizer is not None:

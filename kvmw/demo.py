@@ -12,6 +12,11 @@ question, through the `KVMW` generate hook:
 It prints TTFT per question and tier, the speedup over cold, the bytes stored
 and the compression ratio, and every answer next to plain `generate`'s answer
 (identical for lossless codecs).
+
+5. RAG: three documents, each holding one fact, are stored once; three
+   questions ask over them in a different document order each time (so every
+   document sits at a new offset), answered by full prefill, full reuse,
+   CacheBlend and EPIC (`hook.generate_rag`): TTFT and answers per strategy.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--codec", default="none", help='codec spec, e.g. "none", "int8", "kivi4+zstd"')
     p.add_argument("--chunk-size", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--rag-doc-tokens", type=int, default=384, help="tokens per RAG document (0: no RAG part)")
     p.add_argument("--phase", default="", help=argparse.SUPPRESS)  # internal: a restarted process
     p.add_argument("--state", default="", help=argparse.SUPPRESS)
 
@@ -123,21 +129,74 @@ def _run_phase(args: argparse.Namespace) -> dict[str, Any]:
     return {"rows": rows}
 
 
+RAG_QUESTIONS = ([0], [2], [1, 2])  # which documents' facts each question asks for
+RAG_STRATEGIES = (("full_prefill", 1.0), ("full_reuse", 0.0), ("cacheblend", 0.15), ("epic", 0.15))
+
+
+def _rag_phase(args: argparse.Namespace) -> dict[str, Any]:
+    import random
+
+    from kvmw.config import KVMWConfig
+    from kvmw.integrations.hf import KVMW
+    from kvmw.integrations.hf.models import load
+    from kvmw.text_data import RAG_PREAMBLE, code_question, fact_documents
+
+    model, tok = load(args.model)
+    hook = KVMW(model, tok, KVMWConfig.load(codec=args.codec, tiers=["cpu"]))
+    docs, places, codes = fact_documents(tok, 3, args.rag_doc_tokens, random.Random(0))
+    rows = []
+    for qi, asked in enumerate(RAG_QUESTIONS):
+        order = [(qi + j) % len(docs) for j in range(len(docs))]
+        question = code_question(tok, [places[a] for a in asked])
+        for strategy, ratio in RAG_STRATEGIES:
+            _step(f"RAG question {qi + 1}: {strategy}")
+            res = hook.generate_rag([docs[j] for j in order], question, strategy=strategy, recompute_ratio=ratio,
+                                    preamble=RAG_PREAMBLE, max_new_tokens=16, do_sample=False)
+            rows.append({"question": qi, "order": order, "strategy": strategy, "ratio": ratio,
+                         "prompt_tokens": res.prompt_tokens, "recomputed": res.recomputed_tokens,
+                         "loaded": sum(res.documents_loaded.values()), "prefilled": res.documents_prefilled,
+                         "ttft_s": res.timings["ttft"], "answer": res.text.strip(),
+                         "right": all(codes[a] in res.text for a in asked)})
+    hook.close()
+    return {"rows": rows, "facts": dict(zip(places, codes))}
+
+
+def _print_rag(rag: dict[str, Any]) -> None:
+    from kvmw.bench.common import print_table
+
+    rows, full = [], {}
+    for r in rag["rows"]:
+        if r["strategy"] == "full_prefill":
+            full[r["question"]] = r["ttft_s"]
+        base = full[r["question"]]
+        docs = "-" if r["strategy"] == "full_prefill" else f"{r['loaded']} cached, {r['prefilled']} new"
+        rows.append([r["question"] + 1, ",".join(str(d + 1) for d in r["order"]), r["strategy"], r["ratio"], docs,
+                     f"{r['recomputed']}/{r['prompt_tokens']}", f"{r['ttft_s'] * 1e3:.0f}",
+                     f"{r['ttft_s'] / base:.2f}", "yes" if r["right"] else "no", _short(r["answer"], 48)])
+    print()
+    print("RAG: 3 documents stored once, reused in a new order (new offsets) for every question; facts: "
+          + ", ".join(f"{p} {c}" for p, c in rag["facts"].items()))
+    print_table(["question", "doc order", "strategy", "ratio", "documents", "recomputed", "TTFT ms",
+                 "x full prefill", "right", "answer"], rows)
+
+
 def run(args: argparse.Namespace) -> int:
     from kvmw.memory import tune_allocator
 
     tune_allocator()
     if args.phase:
-        print(json.dumps(_run_phase(args)))
+        print(json.dumps(_rag_phase(args) if args.phase == "rag" else _run_phase(args)))
         return 0
     from kvmw.bench.common import print_table
 
     with tempfile.TemporaryDirectory(prefix="kvmw-demo-") as tmp:
         state = json.dumps({"disk": tmp, "redis_prefix": f"kvmw-demo:{uuid.uuid4().hex[:8]}:"})
         results = {}
-        for phase in ("first", "disk", "redis"):
+        phases = ("first", "disk", "redis") + (("rag",) if args.rag_doc_tokens else ())
+        for phase in phases:
             cmd = [sys.executable, "-m", "kvmw", "demo", "--model", args.model, "--tokens", str(args.tokens),
                    "--codec", args.codec, "--chunk-size", str(args.chunk_size),
+                   "--rag-doc-tokens", str(args.rag_doc_tokens),
                    "--max-new-tokens", str(args.max_new_tokens), "--phase", phase, "--state", state]
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
             if proc.returncode != 0:
@@ -169,6 +228,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"stored: {first['chunks']} chunks; bytes written per tier: {per_tier}; "
           f"KV of those chunks {kv_bytes / 2**20:.1f} MiB in the model's dtype -> "
           f"compression ratio {kv_bytes / max(stored.get('cpu', 1), 1):.2f}x")
+    if "rag" in results:
+        _print_rag(results["rag"])
     from kvmw.quantizers import make_codec
 
     if make_codec(args.codec).is_lossless and not same_all:

@@ -6,8 +6,10 @@ Located without importing the package (its __init__ pulls langchain).
 from __future__ import annotations
 
 import importlib.util
+import random
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 
 @lru_cache(maxsize=1)
@@ -35,3 +37,34 @@ def essay_text(min_chars: int, start: int = 0) -> str:
         n += len(parts[-1])
         i += 1
     return "\n\n".join(parts)
+
+
+RAG_PREAMBLE = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                "Read the documents, then answer the question.\n\n")
+PLACES = ["Berlin", "Cairo", "Denver", "Lisbon", "Nairobi", "Osaka", "Quito", "Seoul", "Toronto", "Vienna"]
+
+
+def fact_documents(tok: Any, n: int, doc_tokens: int, rng: random.Random, start: int = 0
+                   ) -> tuple[list[list[int]], list[str], list[str]]:
+    """`n` essay excerpts of about `doc_tokens` tokens, each holding one fact, "The access
+    code for the <place> office is <5 digits>", at a random sentence: (token ids, places, codes)."""
+    places = rng.sample(PLACES, n)
+    codes = [str(c) for c in rng.sample(range(10000, 99999), n)]
+    documents = []
+    for d in range(n):
+        ids = tok(essay_text(doc_tokens * 6, start=start + 2 * d), add_special_tokens=False).input_ids
+        sentences = tok.decode(ids[:doc_tokens - 24]).split(". ")
+        sentences.insert(rng.randrange(1, max(2, len(sentences) - 1)),
+                         f"The access code for the {places[d]} office is {codes[d]}")
+        body = ". ".join(sentences)
+        documents.append(tok(f"<document>\n{body}\n</document>\n", add_special_tokens=False).input_ids)
+    return documents, places, codes
+
+
+def code_question(tok: Any, places: list[str]) -> list[int]:
+    """A chat-formatted question for the codes of `places` (ends where the answer starts)."""
+    what = " and for the ".join(f"{p} office" for p in places)
+    many = len(places) > 1
+    text = (f"\nQuestion: What is the access {'codes' if many else 'code'} for the {what}? Reply with the "
+            f"number{'s' if many else ''} only.<|im_end|>\n<|im_start|>assistant\n")
+    return tok(text, add_special_tokens=False).input_ids
