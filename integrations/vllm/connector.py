@@ -1,0 +1,472 @@
+"""`KVMWConnector`: vLLM v1 KV connector over kvmw's tiers (prefix reuse, compressed KV).
+
+Switch it on with ``--kv-transfer-config '{"kv_connector":"KVMWConnector","kv_role":"kv_both"}'``
+(the ``vllm.general_plugins`` entry point registers the name) or, without the
+plugin, add ``"kv_connector_module_path":"kvmw.integrations.vllm"``. Settings
+come from the usual `KVMWConfig` (YAML / ``KVMW_*`` env); ``kv_connector_extra_config``
+may add ``{"kvmw": {field: value}}`` overrides or ``{"kvmw_config": "file.yaml"}``.
+
+vLLM builds two instances: one in the scheduler process (role SCHEDULER), one
+in each worker (role WORKER). They share nothing but the metadata object the
+scheduler builds each step and the worker metadata sent back.
+
+Scheduler side (called by vLLM's scheduler, in this order for a request):
+    get_num_new_matched_tokens()  on admission: hash the prompt's full chunks
+        into a prefix chain (fingerprint + chunk size + cache salt), ask the
+        tiers once how many leading chunks exist; return the tokens past vLLM's
+        own hit that kvmw can fill (never the whole prompt: one token is
+        always computed). Loads are synchronous (``False``).
+    update_state_after_alloc()  the request's blocks; remember the load range.
+    build_connector_meta()  every step: a `KVMWConnectorMetadata` with the
+        loads (keys -> blocks) and the saves (chunks that become complete this
+        step, whether the prefill is split over steps or not).
+    update_connector_output()  the workers' report: keys stored (the index
+        of process-local tiers), loads that failed (those chunks are saved
+        again once recomputed).
+    request_finished()  forget the request; blocks are freed at once (saves
+        finish inside the step).
+
+Worker side (called by vLLM's model runner / attention layers, per step):
+    register_kv_caches()  once: the per-layer paged tensors; pick the page
+        layout of the attention backend (checked against vLLM's own CPU write
+        kernel at start).
+    start_load_kv()  before the forward: fetch and decode the chunks to load.
+        A chunk that is missing, corrupt or on a tier that died ends the load
+        there; its blocks are reported through get_block_ids_with_load_errors()
+        so vLLM recomputes them (the connector sets
+        ``kv_load_failure_policy="recompute"``).
+    wait_for_layer_load(layer)  inside the forward, before that layer's
+        attention: scatter the decoded KV of that layer only (layer-wise).
+    save_kv_layer(layer, ...)  after that layer's attention: copy the
+        completed chunks' KV of that layer out of the pages (a gather).
+    wait_for_save()  after the forward: encode with the configured codec and
+        put into the tiers (top tier synchronously, lower ones on the store's
+        background queue); report what was stored in build_connector_worker_meta().
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorWorkerMetadata,
+)
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+from kvmw.config import KVMWConfig
+from kvmw.errors import BlobError, ConfigError
+from kvmw.integrations.vllm.model_identity import fingerprint_for_vllm
+from kvmw.integrations.vllm.paged_layout import CPUPagedLayout, PagedLayout, layout_for, slots_for_tokens
+from kvmw.integrations.vllm.plan import LoadSpec, Planner, SaveSpec, StepPlan
+from kvmw.keys import KeySpace
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+log = logging.getLogger("kvmw.vllm")
+
+_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
+
+
+# ---- metadata crossing processes ------------------------------------------------------------
+@dataclass
+class KVMWConnectorMetadata(KVConnectorMetadata):
+    """Scheduler -> workers, one per step."""
+
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)
+
+
+@dataclass
+class KVMWWorkerMetadata(KVConnectorWorkerMetadata):
+    """Workers -> scheduler, one per step: keys now stored, and per request the
+    first chunk whose load failed."""
+
+    stored: list[str] = field(default_factory=list)
+    failed: dict[str, int] = field(default_factory=dict)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        if isinstance(other, KVMWWorkerMetadata):
+            # a key counts as stored only if every worker (tensor-parallel rank) stored it
+            mine = set(self.stored)
+            self.stored = [k for k in other.stored if k in mine]
+            for rid, chunk in other.failed.items():
+                self.failed[rid] = min(chunk, self.failed.get(rid, chunk))
+        return self
+
+
+# ---- one store per process and configuration ------------------------------------------------
+_STORES: dict[str, dict[str, Any]] = {}
+_STORES_LOCK = threading.Lock()
+
+#: the connectors alive in this process, by role (tests and `kvmw bench vllm` read stats here)
+ACTIVE: dict[str, "KVMWConnector"] = {}
+
+
+def _shared_store(config: KVMWConfig, role: str):
+    """The scheduler and the worker of one engine share a store when they share a
+    process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, uni executor): then the
+    scheduler's lookup sees exactly what the worker stored. Returns (entry, shared)."""
+    from kvmw.storage_tiers import build_store
+
+    key = repr(config)
+    with _STORES_LOCK:
+        entry = _STORES.get(key)
+        if entry is None or entry["store"]._closed:
+            entry = _STORES[key] = {"store": build_store(config), "roles": set()}
+        entry["roles"].add(role)
+        return entry
+
+
+def load_config(extra: dict[str, Any] | None) -> KVMWConfig:
+    extra = dict(extra or {})
+    overrides = dict(extra.get("kvmw") or {})
+    return KVMWConfig.load(extra.get("kvmw_config"), **overrides)
+
+
+@dataclass
+class ConnectorStats:
+    lookups: int = 0
+    hit_tokens: int = 0
+    chunks_loaded: int = 0
+    tokens_loaded: int = 0
+    load_failures: int = 0
+    chunks_stored: int = 0
+    save_steps: int = 0
+    readmitted: int = 0
+    load_seconds: float = 0.0
+    save_seconds: float = 0.0
+    bytes_loaded: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["bytes_loaded"] = dict(self.bytes_loaded)
+        return d
+
+
+class KVMWConnector(KVConnectorBase_V1):
+    """kvmw tiers behind vLLM's paged KV cache. See the module docstring for who calls what."""
+
+    _cache_hit_source = CacheHitSource.HOST
+
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
+                 kv_cache_config: "KVCacheConfig | None" = None) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        from kvmw.quantizers import make_codec
+
+        ktc = vllm_config.kv_transfer_config
+        self.config = load_config(ktc.kv_connector_extra_config)
+        #: scatter each layer's KV just before that layer runs (False: all layers in start_load_kv)
+        self.layerwise = bool((ktc.kv_connector_extra_config or {}).get("kvmw_layerwise", True))
+        self.block_size = vllm_config.cache_config.block_size
+        if self.config.chunk_size % self.block_size:
+            raise ConfigError(f"kvmw chunk_size {self.config.chunk_size} must be a multiple of vLLM's "
+                              f"block_size {self.block_size} (set KVMW_CHUNK_SIZE)")
+        par = vllm_config.parallel_config
+        if par.tensor_parallel_size > 1 or par.pipeline_parallel_size > 1:
+            raise ConfigError("KVMWConnector handles one worker holding every layer and KV head "
+                              "(tensor/pipeline parallel size 1)")
+        cache_dtype = str(vllm_config.cache_config.cache_dtype)
+        if cache_dtype not in ("auto", str(vllm_config.model_config.dtype).removeprefix("torch.")):
+            raise ConfigError(f"KVMWConnector stores KV in the model dtype; kv_cache_dtype={cache_dtype}")
+        mc = vllm_config.model_config
+        self.dtype = mc.dtype
+        self.fingerprint = fingerprint_for_vllm(mc.model, mc.dtype, getattr(mc, "revision", None),
+                                                bool(getattr(mc, "trust_remote_code", False)))
+        self.codec = make_codec(self.config.codec)
+        role_name = "scheduler" if role == KVConnectorRole.SCHEDULER else "worker"
+        self._entry = _shared_store(self.config, role_name)
+        self.store = self._entry["store"]
+        self._keyspaces: dict[str, KeySpace] = {}
+        self.stats = ConnectorStats()
+        ACTIVE[role_name] = self
+        if role == KVConnectorRole.SCHEDULER:
+            if ktc.kv_load_failure_policy != "recompute":
+                # kvmw is a cache: a chunk that does not load is recomputed, never a failed request
+                ktc.kv_load_failure_policy = "recompute"
+            self.planner = Planner(self.config.chunk_size, self.block_size, self._lookup)
+            #: keys the workers reported stored (their process-local tiers are invisible from here)
+            self._index: set[str] = set()
+        else:
+            self._kv_caches: dict[str, torch.Tensor] = {}
+            self._layer_index: dict[str, int] = {}
+            self._layout: PagedLayout | None = None
+            self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (slots, kv[L, 2, T, H, D])
+            self._save_bufs: list[tuple[SaveSpec, torch.Tensor, torch.Tensor]] = []
+            self._failed_reqs: dict[str, int] = {}
+            self._invalid_blocks: set[int] = set()
+            self._stored_keys: list[str] = []
+            self._load_started = False
+        log.info("kvmw connector (%s): chunk %d, codec %s, tiers %s, model %s", role_name,
+                 self.config.chunk_size, self.config.codec, self.config.tiers, self.fingerprint.digest)
+
+    # ---- keys ------------------------------------------------------------------------------
+    def _keyspace(self, request_salt: str | None) -> KeySpace:
+        # With no request salt the keys are the HF hook's (same config salt): entries are shared.
+        salt = self.config.cache_salt + (f"\x1f{request_salt}" if request_salt else "")
+        ks = self._keyspaces.get(salt)
+        if ks is None:
+            ks = self._keyspaces[salt] = KeySpace(self.fingerprint, self.config.chunk_size, salt)
+        return ks
+
+    # ==== scheduler side =========================================================================
+    def _lookup(self, keys: list[str]) -> int:
+        """Leading keys stored: one batched call per tier, plus the workers' reports when
+        the worker lives in another process (its CPU tier is not visible from here)."""
+        self.stats.lookups += 1
+        if "worker" in self._entry["roles"]:
+            return self.store.prefix_hits(keys)
+        present = self.store.contains(keys)
+        n = 0
+        for k, p in zip(keys, present):
+            if not (p or k in self._index):
+                break
+            n += 1
+        return n
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
+        prompt = request.prompt_token_ids
+        if prompt is None:  # prompt embeddings: no token ids to key on
+            return 0, False
+        ks = self._keyspace(getattr(request, "cache_salt", None))
+        n = self.planner.matched_tokens(request.request_id, lambda: ks.prefix_keys(prompt),
+                                        request.num_tokens, num_computed_tokens)
+        self.stats.hit_tokens += n
+        self.stats.readmitted = self.planner.readmitted
+        return n, False
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
+                                 num_external_tokens: int) -> None:
+        self.planner.allocated(request.request_id, blocks.get_block_ids()[0], num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        plan = StepPlan()
+        sched = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            prompt = new.prompt_token_ids or []
+            ks = self._keyspace(None)
+            self.planner.new_request(new.req_id, lambda: ks.prefix_keys(prompt), len(prompt),
+                                     new.block_ids[0], new.num_computed_tokens, sched.get(new.req_id, 0), plan)
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, rid in enumerate(cached.req_ids):
+            nb = cached.new_block_ids[i]
+            self.planner.running_request(rid, nb[0] if nb else None, rid in cached.resumed_req_ids,
+                                         cached.num_computed_tokens[i], sched.get(rid, 0), plan)
+        return KVMWConnectorMetadata(plan.loads, plan.saves)
+
+    def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
+        meta = connector_output.kv_connector_worker_meta
+        if not isinstance(meta, KVMWWorkerMetadata):
+            return
+        if "worker" not in self._entry["roles"]:
+            self._index.update(meta.stored)
+        for rid, chunk in meta.failed.items():
+            self.planner.load_failed(rid, chunk)
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self.planner.finished(request.request_id)
+        return False, None
+
+    # ==== worker side ============================================================================
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._kv_caches = dict(kv_caches)
+        for name in kv_caches:
+            m = _LAYER_INDEX.search(name)
+            if m is None:
+                raise ConfigError(f"kvmw cannot tell the layer number of {name!r}")
+            self._layer_index[name] = int(m.group(1))
+        fp = self.fingerprint
+        if sorted(self._layer_index.values()) != list(range(fp.num_layers)):
+            raise ConfigError(f"vLLM has attention layers {sorted(self._layer_index.values())}, "
+                              f"the model {fp.num_layers}: kvmw handles one cache per layer")
+        sample = next(iter(kv_caches.values()))
+        backend = "CPU_ATTN" if sample.device.type == "cpu" else "gpu"
+        self._layout = layout_for(backend, self.block_size, fp.num_kv_heads, fp.head_dim)
+        if isinstance(self._layout, CPUPagedLayout):
+            _check_cpu_layout(self._layout, sample.dtype)
+        log.info("kvmw: %d layers, page layout %s, cache %s %s", len(kv_caches), self._layout.name,
+                 tuple(sample.shape), sample.dtype)
+
+    def _index_of(self, layer_name: str) -> int | None:
+        return self._layer_index.get(layer_name)
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        """Fetch and decode this step's chunks; the per-layer writes happen in
+        wait_for_layer_load so each layer's pages are filled just before it runs."""
+        self._pending = []
+        self._load_started = True
+        if self._layout is None or not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KVMWConnectorMetadata)
+        for spec in meta.loads:
+            self._fetch(spec)
+        if not self.layerwise:  # fill every layer now instead of just before each runs
+            for name in list(self._kv_caches):
+                self.wait_for_layer_load(name)
+            self._pending = []
+
+    def _fetch(self, spec: LoadSpec) -> None:
+        from kvmw.quantizers import decode_blob
+
+        t0 = time.perf_counter()
+        cs, digest = self.config.chunk_size, self.fingerprint.digest
+        kvs: list[torch.Tensor] = []
+        for key in spec.keys:
+            blob, tier = self.store.fetch(key, digest)
+            kv = None
+            if blob is not None:
+                try:
+                    kv, _ = decode_blob(blob, digest)
+                    if kv.shape[2] != cs:
+                        raise BlobError(f"chunk holds {kv.shape[2]} tokens, expected {cs}")
+                except BlobError as e:
+                    log.warning("kvmw: chunk %s did not decode (%s); vLLM recomputes from there", key, e)
+                    self.store.delete(key)
+                    kv = None
+            if kv is None:
+                break
+            kvs.append(kv)
+            self.stats.bytes_loaded[tier] += memoryview(blob).nbytes
+        base = spec.first_chunk * cs
+        loaded_end = min(spec.end, base + len(kvs) * cs)
+        if loaded_end < spec.end:  # the rest did not load: vLLM must recompute those blocks
+            self.stats.load_failures += 1
+            bs = self.block_size
+            first_bad_block = loaded_end // bs  # a partly loaded block is recomputed whole
+            self._invalid_blocks.update(spec.block_ids[first_bad_block - spec.first_block:])
+            self._failed_reqs[spec.req_id] = min(self._failed_reqs.get(spec.req_id, 1 << 30),
+                                                 loaded_end // cs)
+            loaded_end = first_bad_block * bs
+        if loaded_end > spec.start:
+            kv = torch.cat(kvs, dim=2) if len(kvs) > 1 else kvs[0]
+            kv = kv[:, :, spec.start - base: loaded_end - base]
+            slots = slots_for_tokens(spec.block_ids, spec.first_block, spec.start, loaded_end, self.block_size)
+            self._pending.append((slots, kv))
+            self.stats.chunks_loaded += len(kvs)
+            self.stats.tokens_loaded += loaded_end - spec.start
+        self.stats.load_seconds += time.perf_counter() - t0
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        if not self._pending:
+            return
+        i = self._index_of(layer_name)
+        if i is None:
+            return
+        t0 = time.perf_counter()
+        layer = self._kv_caches[layer_name]
+        for slots, kv in self._pending:
+            self._layout.scatter(layer, slots, kv[i])
+        self.stats.load_seconds += time.perf_counter() - t0
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: "AttentionMetadata",
+                      **kwargs: Any) -> None:
+        """Copy the layer's part of every chunk completed this step (runs after the
+        layer's attention, so this step's tokens are in the pages)."""
+        if self._layout is None or not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, KVMWConnectorMetadata) or not meta.saves:
+            return
+        i = self._index_of(layer_name)
+        if i is None:
+            return
+        if not self._save_bufs:
+            fp, cs = self.fingerprint, self.config.chunk_size
+            for spec in meta.saves:
+                n = len(spec.keys) * cs
+                slots = slots_for_tokens(spec.block_ids, spec.first_chunk * cs // self.block_size,
+                                         spec.first_chunk * cs, spec.first_chunk * cs + n, self.block_size)
+                buf = torch.empty(fp.num_layers, 2, n, fp.num_kv_heads, fp.head_dim, dtype=kv_layer.dtype)
+                self._save_bufs.append((spec, slots, buf))
+        t0 = time.perf_counter()
+        for _, slots, buf in self._save_bufs:
+            buf[i].copy_(self._layout.gather(kv_layer, slots))
+        self.stats.save_seconds += time.perf_counter() - t0
+
+    def wait_for_save(self) -> None:
+        """Encode and store the chunks gathered this step (after the forward pass)."""
+        bufs, self._save_bufs = self._save_bufs, []
+        self._load_started = False
+        self._pending = []
+        if not bufs:
+            return
+        t0 = time.perf_counter()
+        cs, digest = self.config.chunk_size, self.fingerprint.digest
+        written: list[str] = []
+        for spec, _, buf in bufs:
+            if spec.req_id in self._failed_reqs:
+                continue  # computed over KV that did not load: never store it
+            for j, key in enumerate(spec.keys):
+                index = spec.first_chunk + j
+                chunk = buf[:, :, j * cs:(j + 1) * cs]
+                blob = self.codec.encode(chunk, digest, positions=torch.arange(index * cs, (index + 1) * cs))
+                self.store.put(key, blob, cost=float((index + 1) * cs))
+                written.append(key)
+        if written:
+            # advertise only what a tier actually took (a failed put is no hit)
+            present = self.store.contains(written)
+            self._stored_keys.extend(k for k, p in zip(written, present) if p)
+            self.stats.chunks_stored += sum(present)
+            self.stats.save_steps += 1
+        self.stats.save_seconds += time.perf_counter() - t0
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        out, self._invalid_blocks = self._invalid_blocks, set()
+        return out
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        if not self._stored_keys and not self._failed_reqs:
+            return None
+        meta = KVMWWorkerMetadata(self._stored_keys, self._failed_reqs)
+        self._stored_keys, self._failed_reqs = [], {}
+        return meta
+
+    def shutdown(self) -> None:
+        try:
+            self.store.flush(10)
+        except Exception:  # best effort at exit
+            pass
+
+
+def _check_cpu_layout(layout: CPUPagedLayout, dtype: torch.dtype) -> None:
+    """Write known K/V through vLLM's own CPU cache-write kernel into a scratch
+    cache and read them back with our layout: a vLLM build whose page interior
+    differs (another ISA) is refused at start rather than serving wrong KV."""
+    try:
+        from vllm import _custom_ops as ops
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+    except ImportError:  # not a CPU build
+        return
+    bs, h, d = layout.block_size, layout.num_kv_heads, layout.head_dim
+    isa = _get_attn_isa(dtype, bs, d, "auto")
+    scratch = torch.zeros(3, h, bs, 2 * d, dtype=dtype)
+    t = bs + bs // 2 + 1
+    g = torch.Generator().manual_seed(0)
+    key = torch.randn(t, h, d, generator=g).to(dtype)
+    value = torch.randn(t, h, d, generator=g).to(dtype)
+    slots = torch.cat([torch.arange(bs, 2 * bs), torch.arange(0, t - bs)])  # block 1 whole, then block 0
+    k_cache, v_cache = scratch.view(3, h, 2 * bs, d).chunk(2, dim=2)
+    ops.cpu_attn_reshape_and_cache(key, value, k_cache, v_cache, slots, isa)
+    got = layout.gather(scratch, slots)
+    if not (torch.equal(got[0], key) and torch.equal(got[1], value)):
+        raise ConfigError(f"vLLM's CPU KV page layout (isa {isa}) is not the one kvmw knows; "
+                          "refusing to load or store KV")

@@ -1,0 +1,257 @@
+"""A vLLM engine in a child process, driven by JSON commands (tests and `kvmw bench vllm`).
+
+vLLM keeps process-global state (the distributed groups, *the* KV connector of
+the process), so two engines - one with kvmw, one without - cannot share a
+process. `EngineProcess` starts ``python -m kvmw.integrations.vllm.harness``,
+which builds one single-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
+uni executor: scheduler and worker in the child) and answers one command per
+line: generate (token ids in, token ids / cached-token counts / wall time out),
+stats, and store manipulations the failure tests need (corrupt a stored chunk
+in every tier, empty a tier, kill a Redis at the next read).
+
+Replies are lines ``@@kvmw@@ {json}`` on stdout, so vLLM's own logging can share
+the stream.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+MARK = "@@kvmw@@ "
+
+#: engine settings VLLM.md found right for these CPU machines
+CPU_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+
+
+def connector_config(**kvmw: Any) -> dict[str, Any]:
+    """The ``kv_transfer_config`` that switches kvmw on, with `KVMWConfig` overrides."""
+    return {"kv_connector": "KVMWConnector", "kv_role": "kv_both",
+            "kv_connector_extra_config": {"kvmw": kvmw}}
+
+
+class EngineError(RuntimeError):
+    pass
+
+
+class EngineProcess:
+    """One engine in a child process. `engine`: keyword arguments of `vllm.LLM`
+    (``kv_transfer_config`` as a dict), on top of the CPU defaults below."""
+
+    def __init__(self, model: str, engine: dict[str, Any] | None = None, env: dict[str, str] | None = None,
+                 start_timeout: float = 600.0) -> None:
+        kwargs = {"dtype": "float32", "block_size": 32, "enforce_eager": True, "enable_prefix_caching": False,
+                  "distributed_executor_backend": "uni", "max_model_len": 4096, "seed": 0,
+                  "skip_tokenizer_init": True, **(engine or {})}
+        child_env = {**os.environ, **CPU_ENV, **(env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kvmw.integrations.vllm.harness"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env, bufsize=1)
+        self.log: list[str] = []
+        self._send({"op": "start", "model": model, "engine": kwargs})
+        self._reply(start_timeout)
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        if self.proc.poll() is not None:
+            raise EngineError(f"engine process exited ({self.proc.returncode}):\n" + "".join(self.log[-60:]))
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+
+    def _reply(self, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise EngineError(f"engine process ended ({self.proc.wait()}):\n" + "".join(self.log[-80:]))
+            if line.startswith(MARK):
+                out = json.loads(line[len(MARK):])
+                if "error" in out:
+                    raise EngineError(out["error"])
+                return out
+            self.log.append(line)
+            if time.monotonic() > deadline:
+                raise EngineError("engine did not answer in time:\n" + "".join(self.log[-60:]))
+
+    def call(self, op: str, timeout: float = 600.0, **args: Any) -> dict[str, Any]:
+        self._send({"op": op, **args})
+        return self._reply(timeout)
+
+    def generate(self, prompts: list[list[int]], max_tokens: int = 8, salts: list[str | None] | None = None,
+                 logprobs: int | None = None) -> list[dict[str, Any]]:
+        """Greedy outputs: per prompt ``{"tokens", "cached", "logprobs"?}``; the batch's wall
+        time is in the reply's ``seconds`` (see `timed_generate`)."""
+        return self.call("generate", prompts=prompts, max_tokens=max_tokens, salts=salts,
+                         logprobs=logprobs)["outputs"]
+
+    def timed_generate(self, prompts: list[list[int]], max_tokens: int = 1) -> tuple[list[dict[str, Any]], float]:
+        r = self.call("generate", prompts=prompts, max_tokens=max_tokens)
+        return r["outputs"], r["seconds"]
+
+    def stats(self) -> dict[str, Any]:
+        return self.call("stats")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self._send({"op": "quit"})
+                self.proc.wait(timeout=60)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> "EngineProcess":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# ---- the child ----------------------------------------------------------------------------------
+def _reply(obj: dict[str, Any]) -> None:
+    sys.stdout.write(MARK + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+class _Child:
+    def __init__(self, model: str, engine: dict[str, Any]) -> None:
+        from vllm import LLM
+        from vllm.config import KVTransferConfig
+
+        ktc = engine.pop("kv_transfer_config", None)
+        if ktc is not None:
+            engine["kv_transfer_config"] = KVTransferConfig(**ktc)
+        self.llm = LLM(model, **engine)
+
+    def _connectors(self) -> dict[str, Any]:
+        from kvmw.integrations.vllm.connector import ACTIVE
+
+        return ACTIVE
+
+    def _store(self):
+        return self._connectors()["worker"].store
+
+    def generate(self, prompts: list[list[int]], max_tokens: int, salts: list[str | None] | None = None,
+                 logprobs: int | None = None) -> dict[str, Any]:
+        from vllm import SamplingParams
+
+        sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=logprobs, ignore_eos=True)
+        inputs = []
+        for i, ids in enumerate(prompts):
+            p: dict[str, Any] = {"prompt_token_ids": ids}
+            if salts and salts[i]:
+                p["cache_salt"] = salts[i]
+            inputs.append(p)
+        t0 = time.perf_counter()
+        outs = self.llm.generate(inputs, sp, use_tqdm=False)
+        seconds = time.perf_counter() - t0
+        result = []
+        for o in outs:
+            c = o.outputs[0]
+            item: dict[str, Any] = {"tokens": list(c.token_ids), "cached": o.num_cached_tokens}
+            if logprobs:
+                item["logprobs"] = [{str(k): v.logprob for k, v in step.items()} for step in c.logprobs]
+            result.append(item)
+        return {"outputs": result, "seconds": seconds}
+
+    def stats(self) -> dict[str, Any]:
+        act = self._connectors()
+        out = {role: c.stats.as_dict() for role, c in act.items()}
+        if "worker" in act:
+            st = self._store().stats()
+            out["store"] = {k: v for k, v in st.items() if k != "tiers"}
+            out["tiers"] = {name: {"entries": t.get("entries"), "healthy": t.get("healthy")}
+                            for name, t in st["tiers"].items()}
+        return out
+
+    def keys(self, prompt: list[int], salt: str | None = None) -> list[str]:
+        return self._connectors()["scheduler"]._keyspace(salt).prefix_keys(prompt)
+
+    def corrupt(self, prompt: list[int], chunk: int) -> dict[str, Any]:
+        """Flip one payload byte of chunk `chunk` of `prompt` in every tier (tiers'
+        own put, bypassing the store's checks)."""
+        key = self.keys(prompt)[chunk]
+        store = self._store()
+        store.flush(30)
+        done = []
+        for tier in store.tiers:
+            blob = tier.get(key)
+            if blob is None:
+                continue
+            bad = bytearray(bytes(blob))
+            bad[len(bad) - 17] ^= 0xFF
+            tier.delete(key)
+            tier.put(key, bad)
+            done.append(tier.name)
+        return {"tiers": done}
+
+    def clear(self, tier: str) -> dict[str, Any]:
+        store = self._store()
+        store.flush(30)
+        n = 0
+        for t in store.tiers:
+            if t.name == tier:
+                for key, _ in list(t.entries()):
+                    t.delete(key)
+                    n += 1
+        return {"deleted": n}
+
+    def kill_on_get(self, tier: str, pid: int) -> dict[str, Any]:
+        """The next read from `tier` first SIGKILLs process `pid` (a Redis) and waits for it:
+        the scheduler's lookup has already counted the chunks, the worker's load then fails."""
+        import signal
+
+        store = self._store()
+        for t in store.tiers:
+            if t.name == tier:
+                original = t.get
+
+                def get(key: str, _orig=original, _t=t):
+                    if getattr(_t, "_kvmw_killed", False) is False:
+                        _t._kvmw_killed = True
+                        os.kill(pid, signal.SIGKILL)
+                        for _ in range(200):
+                            try:
+                                os.kill(pid, 0)
+                            except OSError:
+                                break
+                            time.sleep(0.01)
+                    return _orig(key)
+
+                t.get = get
+                return {"armed": True}
+        return {"armed": False}
+
+    def flush(self) -> dict[str, Any]:
+        return {"flushed": self._store().flush(60)}
+
+
+def _child_main() -> int:
+    child: _Child | None = None
+    for line in sys.stdin:
+        msg = json.loads(line)
+        op = msg.pop("op")
+        try:
+            if op == "start":
+                child = _Child(msg["model"], msg["engine"])
+                _reply({"ready": True})
+            elif op == "quit":
+                if child is not None and "worker" in child._connectors():
+                    child.flush()  # lower tiers are written in the background
+                _reply({"bye": True})
+                break
+            else:
+                _reply(getattr(child, op)(**msg))
+        except Exception as e:  # report, keep serving
+            import traceback
+
+            _reply({"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"})
+    os._exit(0)  # skip vLLM's slow interpreter-exit hooks
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main())

