@@ -24,5 +24,16 @@ def make_policy(name: str, **kwargs) -> Policy:
         raise ValueError(f"unknown eviction policy {name!r}; known: {sorted(POLICIES)}") from None
 
 
-__all__ = ["Budget", "Policy", "ScoreInputs", "select", "H2O", "KNorm", "SnapKV", "StreamingLLM", "TOVA",
-           "POLICIES", "make_policy"]
+__all__ = [
+    "H2O",
+    "POLICIES",
+    "TOVA",
+    "Budget",
+    "KNorm",
+    "Policy",
+    "ScoreInputs",
+    "SnapKV",
+    "StreamingLLM",
+    "make_policy",
+    "select",
+]

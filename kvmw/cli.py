@@ -7,7 +7,7 @@ import logging
 import sys
 
 BENCHES = {"tiers": "kvmw.bench.tiers", "codecs": "kvmw.bench.codecs", "prefix": "kvmw.bench.prefix",
-           "server": "kvmw.bench.server", "rag": "kvmw.bench.rag",
+           "server": "kvmw.bench.server", "rag": "kvmw.bench.rag", "eviction": "kvmw.bench.eviction",
            "vllm": "kvmw.bench.vllm"}
 
 

@@ -61,7 +61,7 @@ class KVMW:
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, config: KVMWConfig | None = None,
-                 store: Any = None) -> None:
+                 store: Any = None, evict: Any = None) -> None:
         from kvmw.quantizers import make_codec
         from kvmw.storage_tiers import build_store
 
@@ -69,7 +69,10 @@ class KVMW:
         self.tokenizer = tokenizer
         self.config = config or KVMWConfig.load()
         self.fingerprint = ModelFingerprint.from_hf(model)
-        self.keyspace = KeySpace(self.fingerprint, self.config.chunk_size, self.config.cache_salt)
+        # evict: a `kvmw.eviction.store.StoreEviction`: chunks are stored pruned (own key namespace)
+        self.evict = evict
+        salt = self.config.cache_salt + (evict.salt if evict is not None else "")
+        self.keyspace = KeySpace(self.fingerprint, self.config.chunk_size, salt)
         self.codec = make_codec(self.config.codec)
         self.store = store if store is not None else build_store(self.config)
         self._stats = HookStats()
@@ -133,6 +136,8 @@ class KVMW:
         self._stats.requests += 1
         n_tokens = ids.shape[1]
         keys = self.keyspace.prefix_keys(ids[0])
+        if self.evict is not None:
+            return self._generate_pruned(ids, keys, kwargs)
         cache, reused, n_loaded = self._load_prefix(keys, n_tokens)
         self._stats.tokens_reused += reused
         self._stats.tokens_computed += n_tokens - reused
@@ -213,6 +218,92 @@ class KVMW:
             index = first_new + i
             positions = torch.arange(index * cs, (index + 1) * cs)
             blob = self.codec.encode(chunk, self.fingerprint.digest, positions=positions)
+            self.store.put(keys[index], blob, cost=float((index + 1) * cs))
+            self._stats.chunks_stored += 1
+        self._stats.store_seconds += time.perf_counter() - t0
+
+    # ---- eviction before store (evict=StoreEviction(...)) ------------------------------
+    def _generate_pruned(self, ids: torch.Tensor, keys: list[str], kwargs: dict[str, Any]) -> Any:
+        """Load pruned chunks into an `EvictionCache`, prefill the rest but the last token
+        under the scoring hooks, store the new full chunks pruned, then generate. The
+        request itself keeps its computed tokens unpruned."""
+        from kvmw.eviction.hf import eviction_hooks
+
+        n_tokens = ids.shape[1]
+        cache, reused, n_loaded = self._load_pruned_prefix(keys, n_tokens)
+        self._stats.tokens_reused += reused
+        self._stats.tokens_computed += n_tokens - reused
+        device = self.model.device
+        if n_tokens - 1 > reused:
+            with torch.inference_mode(), eviction_hooks(self.model):
+                self.model(ids[:, reused:n_tokens - 1].to(device), past_key_values=cache, use_cache=True,
+                           logits_to_keep=1)
+            self._store_pruned_chunks(cache, keys, n_loaded, n_tokens - 1)
+        return self._generate_fn()(ids.to(device), past_key_values=cache, **kwargs)
+
+    def _load_pruned_prefix(self, keys: list[str], n_tokens: int) -> tuple[Any, int, int]:
+        from kvmw.eviction.hf import EvictionCache
+        from kvmw.eviction.store import chunk_span
+        from kvmw.quantizers import decode_blob
+
+        t0 = time.perf_counter()
+        hits = self.store.prefix_hits(keys)
+        self._stats.chunk_misses += len(keys) - hits
+        param = next(self.model.parameters())
+        kvs, positions, seen = [], [], 0
+        for key in keys[:hits]:
+            blob, tier = self.store.fetch(key, self.fingerprint.digest)
+            if blob is None:
+                self._stats.load_failures += 1
+                break
+            try:
+                kv, meta = decode_blob(blob, self.fingerprint.digest, device=param.device)
+            except BlobError as e:
+                log.warning("kvmw: chunk %s did not decode (%s); recomputing from there", key, e)
+                self.store.delete(key)
+                self._stats.load_failures += 1
+                break
+            first, covered = chunk_span(meta)
+            if first != seen or seen + covered > n_tokens - 1:  # generate must compute >= 1 token
+                break
+            kvs.append(kv)
+            positions.append(torch.from_numpy(meta.positions.astype("int64")))
+            seen += covered
+            self._stats.bytes_loaded[tier] += memoryview(blob).nbytes
+        self._stats.chunk_hits += len(kvs)
+        policy = self.evict.policy
+        if kvs:
+            cache = EvictionCache.from_kv(self.model.config, torch.cat(kvs, dim=2).to(param.dtype),
+                                          torch.cat(positions), seen, policy=policy)
+        else:
+            cache = EvictionCache(self.model.config, policy)
+        self._stats.load_seconds += time.perf_counter() - t0
+        return cache, seen, len(kvs)
+
+    def _store_pruned_chunks(self, cache: Any, keys: list[str], first_new: int, end: int) -> None:
+        """Score the computed tokens in context, prune each new full chunk, store it."""
+        from kvmw.eviction.store import encode_pruned, uniform_keep
+
+        cs = self.config.chunk_size
+        last = min(len(keys), end // cs)
+        if first_new >= last:
+            return
+        t0 = time.perf_counter()
+        policy, budget = self.evict.policy, self.evict.budget
+        layers = cache.layers
+        offset = layers[0].stored - layers[0].seen  # computed tokens sit unpruned at position + offset
+        scores = torch.stack([policy.score(layer.inputs()) for layer in layers])  # [L, H, stored]
+        n_keep = budget.count(cs)
+        recent = policy.protected_recent(n_keep)
+        info = {"policy": policy.name, "budget": budget.tag}
+        for index in range(first_new, last):
+            start = index * cs
+            s = start + offset
+            kv = from_hf_layers([layer.keys[:, :, s:s + cs] for layer in layers],
+                                [layer.values[:, :, s:s + cs] for layer in layers])
+            keep = uniform_keep(scores[:, :, s:s + cs], n_keep, sinks=max(0, policy.sinks - start),
+                                recent=max(0, recent - (end - start - cs)))
+            blob = encode_pruned(self.codec, kv, keep, start, self.fingerprint.digest, info)
             self.store.put(keys[index], blob, cost=float((index + 1) * cs))
             self._stats.chunks_stored += 1
         self._stats.store_seconds += time.perf_counter() - t0

@@ -1,0 +1,231 @@
+"""transformers side of eviction: a position-aware, budgeted `Cache` and the hooks that
+feed policies the attention rows they read.
+
+RoPE correctness. Keys are cached post-RoPE at their original positions, so an
+evicted cache is shorter than the sequence it stands for. `EvictionLayer` keeps
+both counts: `get_seq_length()` is the number of tokens *seen* (what
+transformers turns into the next position_ids and `generate` uses to slice the
+prompt), while `get_mask_sizes()` gives the stored length and an offset of
+seen - stored, so the causal mask is built in stored coordinates (every stored
+token is in the past; new tokens are causal among themselves).
+
+Scoring. `eviction_hooks(model)` puts a forward hook on each attention module. It
+acts only when the call's cache is an `EvictionCache`: it recomputes the queries
+of the rows the policy reads from the layer input (q_proj + the model's own
+rotary embedding; the main pass keeps SDPA), stores the last W of them on the
+layer, accumulates attention mass for H2O (all rows, in blocks), and, if the
+cache has a token bound, evicts down to it right after the layer's attention.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from kvmw.eviction.attention import accumulate_attention
+from kvmw.eviction.base import Budget, Policy, ScoreInputs
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+class EvictionLayer(DynamicLayer):
+    """A DynamicLayer whose tokens can be evicted per KV head; tracks their RoPE positions."""
+
+    is_croppable = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = 0  # tokens of the sequence so far (stored or evicted)
+        self.positions: torch.Tensor | None = None  # [H, S] int64
+        self.mass: torch.Tensor | None = None  # [H, S] fp32, H2O's accumulated attention
+        self.queries: torch.Tensor | None = None  # [q_heads, W, D], newest queries
+        self.query_positions: torch.Tensor | None = None  # [W]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if key_states.shape[0] != 1:
+            raise ValueError("the eviction cache holds one sequence (batch size 1)")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            H = key_states.shape[1]
+            self.positions = torch.empty(H, 0, dtype=torch.long, device=key_states.device)
+        n = key_states.shape[-2]
+        new = torch.arange(self.seen, self.seen + n, device=key_states.device)
+        self.positions = torch.cat([self.positions, new.expand(key_states.shape[1], n)], dim=1)
+        if self.mass is not None:
+            self.mass = torch.cat([self.mass, self.mass.new_zeros(self.mass.shape[0], n)], dim=1)
+        self.seen += n
+        return super().update(key_states, value_states)
+
+    @property
+    def stored(self) -> int:
+        return 0 if not self.is_initialized else self.keys.shape[-2]
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.stored + query_length, self.seen - self.stored
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen, self.positions, self.mass, self.queries, self.query_positions = 0, None, None, None, None
+
+    def load(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, seen: int) -> None:
+        """Fill from stored KV ([1, H, S, D]) at `positions` ([S] or [H, S]) of a `seen`-token sequence."""
+        self.reset()
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = keys, values
+        self.positions = positions.to(keys.device).long().expand(keys.shape[1], -1).contiguous()
+        self.seen = seen
+
+    def inputs(self, scaling: float | None = None) -> ScoreInputs:
+        return ScoreInputs(keys=self.keys[0], values=self.values[0], positions=self.positions,
+                           queries=self.queries, query_positions=self.query_positions, mass=self.mass,
+                           scaling=scaling)
+
+    def keep(self, indices: torch.Tensor) -> None:
+        """Keep the tokens at `indices` ([H, k], sorted) of every head; drop the rest."""
+        H, k = indices.shape
+        idx = indices[None, :, :, None].expand(1, H, k, self.keys.shape[-1])
+        self.keys = self.keys.gather(2, idx)
+        self.values = self.values.gather(2, idx)
+        self.positions = self.positions.gather(1, indices)
+        if self.mass is not None:
+            self.mass = self.mass.gather(1, indices)
+
+    def nbytes(self) -> int:
+        return 0 if not self.is_initialized else self.keys.nbytes + self.values.nbytes
+
+
+class EvictionCache(Cache):
+    """KV cache of one sequence that a `Policy` can shrink.
+
+    - `compress(budget)` after a prefill run under `eviction_hooks(model)`: keep
+      `budget` tokens per layer and KV head (compress-after-prefill; the question
+      that follows is not seen).
+    - `max_tokens`: a bound kept during generation (StreamingLLM, H2O, ...): the
+      hooks evict down to it after each forward that overflows it.
+    """
+
+    def __init__(self, config: Any, policy: Policy | None = None, max_tokens: int | None = None) -> None:
+        text = config.get_text_config(decoder=True)
+        super().__init__(layers=[EvictionLayer() for _ in range(text.num_hidden_layers)])
+        self.policy = policy
+        self.max_tokens = max_tokens
+        if max_tokens is not None and policy is None:
+            raise ValueError("a bounded eviction cache needs a policy")
+
+    def compress(self, budget: Budget | int, policy: Policy | None = None) -> None:
+        """Evict every layer down to `budget` tokens with `policy` (default: the cache's)."""
+        policy = policy or self.policy
+        if policy is None:
+            raise ValueError("compress needs a policy")
+        for layer in self.layers:
+            if layer.stored:
+                layer.keep(policy.keep(layer.inputs(), budget))
+
+    def stored_tokens(self) -> int:
+        return self.layers[0].stored
+
+    def nbytes(self) -> int:
+        """Bytes of K and V held (positions and scores not counted: int64/fp32 per token per head)."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    @classmethod
+    def from_kv(cls, config: Any, kv: torch.Tensor, positions: torch.Tensor, seen: int,
+                **kwargs: Any) -> EvictionCache:
+        """A cache holding canonical `kv` [L, 2, S, H, D] at `positions` ([S] or [L, H, S])
+        of a sequence of `seen` tokens (e.g. chunks stored pruned)."""
+        cache = cls(config, **kwargs)
+        per = kv.transpose(2, 3)  # [L, 2, H, S, D]
+        for i, layer in enumerate(cache.layers):
+            pos = positions if positions.dim() == 1 else positions[i]
+            layer.load(per[i, 0][None].contiguous(), per[i, 1][None].contiguous(), pos, seen)
+        return cache
+
+
+def _apply_rotary(module: torch.nn.Module, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The model's own RoPE (its module's `apply_rotary_pos_emb`, so variants stay right)."""
+    apply = getattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb", None)
+    if apply is None:
+        raise NotImplementedError(f"{type(module).__name__}: no apply_rotary_pos_emb in its module")
+    return apply(q, q, cos, sin)[0]
+
+
+def recompute_queries(module: torch.nn.Module, hidden: torch.Tensor,
+                      position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Post-RoPE queries [q_heads, n, D] of the rows of `hidden` ([1, n, hidden])."""
+    cos, sin = position_embeddings
+    n = hidden.shape[1]
+    q = module.q_proj(hidden).view(1, n, -1, module.head_dim)
+    if getattr(module, "q_norm", None) is not None:
+        q = module.q_norm(q)
+    q = _apply_rotary(module, q.transpose(1, 2), cos[:, -n:], sin[:, -n:])
+    return q[0]
+
+
+def _after_attention(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+    cache = kwargs.get("past_key_values")
+    if not isinstance(cache, EvictionCache) or cache.policy is None:
+        return
+    policy = cache.policy
+    layer = cache.layers[module.layer_idx]
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    n = hidden.shape[1]
+    rows = n if policy.accumulates else min(policy.query_rows, n)
+    if rows:
+        with torch.no_grad():
+            q = recompute_queries(module, hidden[:, -rows:], kwargs["position_embeddings"])
+        q_pos = torch.arange(layer.seen - rows, layer.seen, device=q.device)
+        if policy.accumulates:
+            if layer.mass is None:
+                layer.mass = torch.zeros(layer.positions.shape, dtype=torch.float32, device=q.device)
+            layer.mass += accumulate_attention(q, layer.keys[0], q_pos, layer.positions, module.scaling)
+        w = policy.query_rows
+        if w:
+            q, q_pos = q[:, -w:], q_pos[-w:]
+            if layer.queries is not None and q.shape[1] < w:
+                q = torch.cat([layer.queries, q], dim=1)[:, -w:]
+                q_pos = torch.cat([layer.query_positions, q_pos])[-w:]
+            layer.queries, layer.query_positions = q, q_pos
+    if cache.max_tokens is not None and layer.stored > cache.max_tokens:
+        layer.keep(policy.keep(layer.inputs(module.scaling), cache.max_tokens))
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The attention modules of a Llama-like model (they own q_proj and a layer_idx)."""
+    mods = [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "layer_idx")]
+    if not mods:
+        raise NotImplementedError(f"{type(model).__name__}: no Llama-like attention modules found")
+    return mods
+
+
+@contextmanager
+def eviction_hooks(model: torch.nn.Module) -> Iterator[None]:
+    """Scoring hooks on every attention module while the block runs (no-ops for other caches)."""
+    handles = [m.register_forward_hook(_after_attention, with_kwargs=True) for m in attention_modules(model)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.inference_mode()
+def prefill_compressed(model: torch.nn.Module, input_ids: torch.Tensor, policy: Policy,
+                       budget: Budget | int) -> EvictionCache:
+    """Prefill `input_ids` ([T] or [1, T]) and compress its cache to `budget` with `policy`.
+
+    Continue with `model.generate(torch.cat([input_ids, question]), past_key_values=cache)`:
+    the cache reports T seen tokens, so only the question is computed, at positions T...
+    """
+    ids = input_ids.reshape(1, -1).to(model.device)
+    cache = EvictionCache(model.config, policy)
+    with eviction_hooks(model):
+        model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache.compress(budget)
+    return cache
