@@ -8,7 +8,7 @@ STAMP := $(VENV)/.kvmw-setup
 TORCH := 2.13.0
 MODELS ?= smollm2
 PYTEST_ARGS ?=
-QUIET := 2>&1 | grep -vE "is ignored|BuildBackendWarning|^ *$$|!!|\*\*\*\*|careful with folders|name as your package|with strategy" || true
+QUIET := 2>&1 | grep -vE "is ignored|BuildBackendWarning|^ *$$|!!|\*\*\*\*|careful with folders|name as your package|with strategy|needlehaystack .* requires|dependency resolver does not|dependency conflicts" || true
 
 VLLM_STAMP := $(VENV)/.kvmw-vllm
 

@@ -16,6 +16,10 @@ matches it, `decode_tps` the steps per second, `bytes` the cache's real size.
 Peers: DynamicCache, transformers' QuantizedCache (optimum-quanto backend,
 int4 and int2 - its fp8 path does not exist for caches in transformers 5.19),
 kvmw's KIVICache at 4 and 2 bits, and with 4-bit keys and 2-bit values (`kivi2_k4`).
+`kvmw_kivi2` is KIVICache's 2-bit default: 2-bit keys with MSE-clipped ranges and
+the 16 widest key channels per head and block also kept at 8 bits, fp16 residual;
+`kvmw_kivi2_plain` is plain KIVI-2 (min-max ranges, no outlier channels, fp32
+residual), for comparison.
 """
 
 from __future__ import annotations
@@ -147,6 +151,8 @@ def _cache_table(args: argparse.Namespace, model: Any, ids: torch.Tensor) -> dic
         print("[bench] optimum-quanto not installed: transformers' QuantizedCache left out")
     factories["kvmw_kivi4"] = lambda: KIVICache(model.config, bits=4, group=64)
     factories["kvmw_kivi2"] = lambda: KIVICache(model.config, bits=2, group=32)
+    factories["kvmw_kivi2_plain"] = lambda: KIVICache(model.config, bits=2, group=32, clip=False,
+                                                      outlier_channels=0, residual_dtype=torch.float32)
     factories["kvmw_kivi2_k4"] = lambda: KIVICache(model.config, bits=2, group=32, key_bits=4)
 
     results: dict[str, Any] = {}
