@@ -72,13 +72,17 @@ class LlamaLikeAdapter:
 
     def run_layer(self, i: int, hidden: torch.Tensor, positions: torch.Tensor, kv: ScatterKV,
                   kv_positions: torch.Tensor) -> torch.Tensor:
-        """Layer `i` for the tokens in `hidden` ([1, S, E], at `positions` [S]) over the full KV."""
+        """Layer `i` for the tokens in `hidden` ([1, S, E], at `positions` [S]) over the full KV
+        (at `kv_positions`, 0..N-1; when S == N the queries are every position in order)."""
         cos_sin = self.body.rotary_emb(hidden, positions.reshape(1, -1))
-        q, k = positions.reshape(-1, 1), kv_positions.reshape(1, -1)
-        allowed = k <= q
-        if self.windows[i]:
-            allowed &= k > q - self.windows[i]
-        return self.layers[i](hidden, attention_mask=allowed[None, None], position_ids=positions.reshape(1, -1),
+        mask = None  # every token at its own position: the kernel's causal path, no mask to build
+        if self.windows[i] or positions.numel() != kv_positions.numel():
+            q, k = positions.reshape(-1, 1), kv_positions.reshape(1, -1)
+            allowed = k <= q
+            if self.windows[i]:
+                allowed &= k > q - self.windows[i]
+            mask = allowed[None, None]
+        return self.layers[i](hidden, attention_mask=mask, position_ids=positions.reshape(1, -1),
                               past_key_values=kv, use_cache=True, position_embeddings=cos_sin)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
