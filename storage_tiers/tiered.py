@@ -50,10 +50,14 @@ class TieredStore:
         self.validate = validate
         self._health = {id(t): _Health() for t in self.tiers}
         self.counts = {"hits": 0, "misses": 0, "corrupt": 0, "foreign": 0, "tier_errors": 0,
-                       "dropped_writes": 0, "queued_writes": 0}
+                       "dropped_writes": 0, "queued_writes": 0, "superseded_writes": 0}
         self.corrupt_by_tier = {t.name: 0 for t in self.tiers}
         self._lock = threading.Lock()
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(write_queue, 1))
+        # key -> [newest event (put seq, or -1 after a delete), queued writes]: a queued write
+        # that a newer put or a delete superseded is skipped (never resurrects a deleted key)
+        self._pending: dict[str, list[int]] = {}
+        self._seq = 0
         self._writer = threading.Thread(target=self._drain, name="kvmw-write-through", daemon=True)
         self._closed = False
         self._observers: list[Any] = []
@@ -171,13 +175,25 @@ class TieredStore:
     def _enqueue(self, key: str, blob: BytesLike, cost: float, tiers: list[Tier]) -> None:
         if not tiers or self._closed:
             return
+        with self._lock:  # noted before queueing, so the writer always finds the entry
+            self._seq += 1
+            seq = self._seq
+            entry = self._pending.setdefault(key, [seq, 0])
+            previous = entry[0]
+            entry[0], entry[1] = seq, entry[1] + 1
         try:
-            self._queue.put_nowait((key, blob, cost, tiers))
-            with self._lock:
-                self.counts["queued_writes"] += 1
+            self._queue.put_nowait((key, blob, cost, tiers, seq))
         except queue.Full:
             with self._lock:
                 self.counts["dropped_writes"] += 1
+                entry[1] -= 1
+                if entry[0] == seq:
+                    entry[0] = previous
+                if entry[1] <= 0:
+                    self._pending.pop(key, None)
+            return
+        with self._lock:
+            self.counts["queued_writes"] += 1
 
     def _drain(self) -> None:
         while True:
@@ -185,9 +201,25 @@ class TieredStore:
             try:
                 if item is None:
                     return
-                key, blob, cost, tiers = item
-                for tier in tiers:
-                    self.guarded(tier, "put", key, blob, cost)
+                key, blob, cost, tiers, seq = item
+                with self._lock:
+                    entry = self._pending.get(key)
+                    current = entry is None or entry[0] == seq
+                    if not current:
+                        self.counts["superseded_writes"] += 1
+                if current:
+                    for tier in tiers:
+                        self.guarded(tier, "put", key, blob, cost)
+                with self._lock:
+                    entry = self._pending.get(key)
+                    deleted = entry is not None and entry[0] == -1
+                    if entry is not None:
+                        entry[1] -= 1
+                        if entry[1] <= 0:
+                            del self._pending[key]
+                if current and deleted:  # deleted while being written: undo the write
+                    for tier in tiers:
+                        self.guarded(tier, "delete", key)
             finally:
                 self._queue.task_done()
 
@@ -201,6 +233,9 @@ class TieredStore:
         return True
 
     def delete(self, key: str) -> None:
+        with self._lock:
+            if key in self._pending:
+                self._pending[key][0] = -1
         for tier in self.tiers:
             self.guarded(tier, "delete", key)
 

@@ -172,3 +172,21 @@ def test_disk_becoming_unwritable_mid_run_is_skipped(tmp_path):
     assert store.healthy()["disk"] is False and "disk" in store.stats()["tiers"]
     assert "NotADirectory" in store.last_error(store.tiers[1]) or "write failed" in store.last_error(store.tiers[1])
     store.close()
+
+
+def test_queued_writes_superseded_by_a_newer_put_or_a_delete_are_skipped():
+    slow = _SlowTier()
+    store = TieredStore([CPUTier(1 << 30), slow], write_queue=16)
+    store.put(key_of(1), blob_of(8, 1))  # the writer takes this one and waits at the gate
+    time.sleep(0.1)
+    for v in (2, 3, 4):
+        store.put(key_of(1), blob_of(8, v))  # queued behind it: only the newest is worth writing
+    store.put(key_of(2), blob_of(8, 5))
+    store.delete(key_of(2))  # deleted before its write drained: must not come back in the lower tier
+    slow.gate.set()
+    assert store.flush(10)
+    assert bytes(slow.get(key_of(1))) == bytes(blob_of(8, 4))
+    assert store.counts["superseded_writes"] == 3  # versions 2 and 3, and key 2's write
+    assert not slow.contains([key_of(2)])[0] and store.get(key_of(2)) is None
+    assert store._pending == {}
+    store.close()
