@@ -21,7 +21,6 @@ from kvmw.blending import cacheblend, epic  # noqa: F401  (register the strategi
 from kvmw.blending.adapter import LlamaLikeAdapter, ScatterKV
 from kvmw.blending.rope import Repositioner
 from kvmw.blending.strategy import BlendPlan, make_strategy
-from kvmw.errors import BlobError
 from kvmw.layout import to_hf_layers
 
 log = logging.getLogger("kvmw.blending")
@@ -100,26 +99,24 @@ class RAGBlender:
         return torch.cat(parts), spans, pre
 
     # ---- documents ------------------------------------------------------------------
-    def document_kv(self, ids: torch.Tensor, result: RAGResult) -> torch.Tensor:
-        """The document's canonical KV at positions 0..n-1, from the store or prefilled and stored."""
+    def document_kv(self, ids: torch.Tensor, result: RAGResult, stored: bool = True) -> torch.Tensor:
+        """The document's canonical KV at positions 0..n-1, from the store (when the lookup
+        found it there: `stored`) or prefilled and stored."""
         from kvmw.integrations.hf.capture import capture_kv
-        from kvmw.quantizers import decode_blob
 
         hook, key = self.hook, self.hook.keyspace.chunk_key(ids)
         param = next(self.model.parameters())
         t0 = time.perf_counter()
-        blob, tier = hook.store.fetch(key, hook.fingerprint.digest)
-        if blob is not None:
-            try:
-                kv, meta = decode_blob(blob, hook.fingerprint.digest, device=param.device)
+        if stored:
+            chunk = hook._load_chunk(key)  # a blob that does not decode is deleted there
+            if chunk is not None:
+                kv, meta, tier, _ = chunk
                 if kv.shape[2] == len(ids) and (meta.positions == range(len(ids))).all():
                     result.documents_loaded[tier] = result.documents_loaded.get(tier, 0) + 1
                     result.timings["load"] += time.perf_counter() - t0
                     return kv.to(param.dtype)
                 log.warning("kvmw: document %s holds other positions; prefilling it again", key)
-            except BlobError as e:
-                log.warning("kvmw: document %s did not decode (%s); prefilling it again", key, e)
-            hook.store.delete(key)
+                hook.store.delete(key)
         result.timings["load"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         kv = capture_kv(self.model, ids)
@@ -200,9 +197,9 @@ def generate_rag(hook: Any, documents: Sequence[Any], question: Any, strategy: s
         plan = make_strategy(strategy, recompute_ratio)
         doc_ids = [ids[s:e] for s, e in spans]
         t0 = time.perf_counter()
-        hook.store.contains([hook.keyspace.chunk_key(d) for d in doc_ids])  # one batched lookup per tier
+        stored = hook.store.contains([hook.keyspace.chunk_key(d) for d in doc_ids])  # one batched lookup
         result.timings["lookup"] = time.perf_counter() - t0
-        kvs = [blender.document_kv(d, result) for d in doc_ids]
+        kvs = [blender.document_kv(d, result, present) for d, present in zip(doc_ids, stored)]
         keys, values = blender.blend(ids, spans, kvs, plan, result)
         cache = DynamicCache(config=hook.model.config)
         for i, (k, v) in enumerate(zip(keys, values)):

@@ -166,13 +166,30 @@ class KVMW:
             raise UnsupportedInputError("empty prompt")
         return ids.long()
 
+    def _load_chunk(self, key: str) -> tuple[torch.Tensor, Any, str, int] | None:
+        """(canonical KV on the model's device, blob meta, tier, blob bytes) of one stored
+        chunk; None (counted as a load failure) when no tier returns a blob that decodes."""
+        from kvmw.quantizers import decode_blob
+
+        blob, tier = self.store.fetch(key, self.fingerprint.digest)
+        if blob is None:
+            self._stats.load_failures += 1
+            return None
+        try:
+            kv, meta = decode_blob(blob, self.fingerprint.digest, device=next(self.model.parameters()).device)
+        except BlobError as e:  # the store checked the frame; the payload can still be bad
+            log.warning("kvmw: chunk %s did not decode (%s); recomputing it", key, e)
+            self.store.delete(key)
+            self._stats.load_failures += 1
+            return None
+        return kv, meta, tier, memoryview(blob).nbytes
+
     def _load_prefix(self, keys: list[str], n_tokens: int) -> tuple[Any, int, int]:
         """A DynamicCache holding the longest loadable stored prefix, its length in
         tokens (at most n_tokens - 1: generate must compute one prompt token) and
         the number of chunks loaded."""
         from transformers import DynamicCache
 
-        from kvmw.quantizers import decode_blob
 
         t0 = time.perf_counter()
         cache = DynamicCache(config=self.model.config)
@@ -181,19 +198,12 @@ class KVMW:
         loaded: list[torch.Tensor] = []
         param = next(self.model.parameters())
         for key in keys[:hits]:
-            blob, tier = self.store.fetch(key, self.fingerprint.digest)
-            if blob is None:
-                self._stats.load_failures += 1
+            chunk = self._load_chunk(key)
+            if chunk is None:
                 break
-            try:
-                kv, _ = decode_blob(blob, self.fingerprint.digest, device=param.device)
-            except BlobError as e:  # the store checked the frame; the payload can still be bad
-                log.warning("kvmw: chunk %s did not decode (%s); recomputing from there", key, e)
-                self.store.delete(key)
-                self._stats.load_failures += 1
-                break
+            kv, _, tier, nbytes = chunk
             loaded.append(kv)
-            self._stats.bytes_loaded[tier] += memoryview(blob).nbytes
+            self._stats.bytes_loaded[tier] += nbytes
         self._stats.chunk_hits += len(loaded)
         reused = 0
         if loaded:
@@ -244,7 +254,6 @@ class KVMW:
     def _load_pruned_prefix(self, keys: list[str], n_tokens: int) -> tuple[Any, int, int]:
         from kvmw.eviction.hf import EvictionCache
         from kvmw.eviction.store import chunk_span
-        from kvmw.quantizers import decode_blob
 
         t0 = time.perf_counter()
         hits = self.store.prefix_hits(keys)
@@ -252,24 +261,17 @@ class KVMW:
         param = next(self.model.parameters())
         kvs, positions, seen = [], [], 0
         for key in keys[:hits]:
-            blob, tier = self.store.fetch(key, self.fingerprint.digest)
-            if blob is None:
-                self._stats.load_failures += 1
+            chunk = self._load_chunk(key)
+            if chunk is None:
                 break
-            try:
-                kv, meta = decode_blob(blob, self.fingerprint.digest, device=param.device)
-            except BlobError as e:
-                log.warning("kvmw: chunk %s did not decode (%s); recomputing from there", key, e)
-                self.store.delete(key)
-                self._stats.load_failures += 1
-                break
+            kv, meta, tier, nbytes = chunk
             first, covered = chunk_span(meta)
             if first != seen or seen + covered > n_tokens - 1:  # generate must compute >= 1 token
                 break
             kvs.append(kv)
             positions.append(torch.from_numpy(meta.positions.astype("int64")))
             seen += covered
-            self._stats.bytes_loaded[tier] += memoryview(blob).nbytes
+            self._stats.bytes_loaded[tier] += nbytes
         self._stats.chunk_hits += len(kvs)
         policy = self.evict.policy
         if kvs:
