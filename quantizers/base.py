@@ -107,6 +107,14 @@ class Quantizer(Stage):
         `device` is only passed to quantizers with `decodes_on_device`."""
 
 
+    def decode_into(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype,
+                    out: torch.Tensor) -> None:
+        """`decode` written into `out` (a CPU tensor of `shape`, possibly a strided view,
+        any float dtype): a loader fills one reused buffer instead of a fresh tensor per
+        chunk. Quantizers that dequantize straight into `out` override this."""
+        out.copy_(self.decode(payload, shape, dtype))
+
+
 class Lossless(Stage):
     """Stage 2: payload bytes <-> smaller bytes."""
 
@@ -170,8 +178,11 @@ class Codec:
 
 
 def decode_blob(data: Any, expected_fingerprint: str | None = None,
-                device: torch.device | str | None = None) -> tuple[torch.Tensor, BlobMeta]:
-    """Blob -> (canonical KV on `device`, default CPU; meta). Every failure is a typed `BlobError`."""
+                device: torch.device | str | None = None,
+                out: torch.Tensor | None = None) -> tuple[torch.Tensor, BlobMeta]:
+    """Blob -> (canonical KV on `device`, default CPU; meta). Every failure is a typed `BlobError`.
+    With `out` (a CPU tensor, possibly a view of a larger buffer) the KV is decoded into
+    it and `out` is returned; a blob of another shape is a `CorruptBlobError`."""
     blob = parse_blob(data, expected_fingerprint)
     meta = blob.meta
     params = dict(meta.codec_params)
@@ -188,6 +199,11 @@ def decode_blob(data: Any, expected_fingerprint: str | None = None,
     if len(shape) != 5 or shape[1] != 2 or meta.positions.shape[0] != shape[2]:
         raise CorruptBlobError(f"blob shape {shape} / {meta.positions.shape[0]} positions")
     dtype = dtype_from_name(meta.dtype)
+    if out is not None:
+        if tuple(out.shape) != tuple(shape):
+            raise CorruptBlobError(f"blob holds KV of shape {tuple(shape)}, expected {tuple(out.shape)}")
+        quantizer.decode_into(payload, shape, dtype, out)
+        return out, meta
     device = torch.device(device) if device is not None else None
     if device is not None and device.type != "cpu" and quantizer.decodes_on_device:
         return quantizer.decode(payload, shape, dtype, device), meta

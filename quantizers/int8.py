@@ -89,13 +89,18 @@ class Int8(Quantizer):
             scales.append(tensor_bytes(scale))
         return codes + scales
 
+    def _split(self, payload: memoryview, shape: tuple[int, ...]) -> list[memoryview]:
+        L, _, T, H, D = shape
+        kshape, _ = self._scale_shapes(L, T, H * D)
+        n_k = kshape[0] * kshape[1] * kshape[2]
+        return split_payload(payload, [L * T * H * D, L * T * H * D, n_k * 2, L * T * 2])
+
     def decode(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype,
                device: torch.device | None = None) -> torch.Tensor:
         L, _, T, H, D = shape
         C = H * D
         kshape, vshape = self._scale_shapes(L, T, C)
-        n_k, n_v = kshape[0] * kshape[1] * kshape[2], L * T
-        kb, vb, ksb, vsb = split_payload(payload, [L * T * C, L * T * C, n_k * 2, n_v * 2])
+        kb, vb, ksb, vsb = self._split(payload, shape)
         kq, vq = tensor_from_bytes(kb, torch.int8, (L, T, C)), tensor_from_bytes(vb, torch.int8, (L, T, C))
         ks, vs = tensor_from_bytes(ksb, torch.float16, kshape), tensor_from_bytes(vsb, torch.float16, vshape)
         if device is not None or triton_kernels.use_triton(kq):
@@ -111,6 +116,17 @@ class Int8(Quantizer):
                                     .view(L, T, H, D))
             return out
         out = torch.empty(shape, dtype=dtype)
-        _dequant(kq, ks, dtype, out[:, 0].view(L, T, C))
-        _dequant(vq, vs, dtype, out[:, 1].view(L, T, C))
+        self.decode_into(payload, shape, dtype, out)
         return out
+
+    def decode_into(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype,
+                    out: torch.Tensor) -> None:
+        L, _, T, H, D = shape
+        kb, vb, ksb, vsb = self._split(payload, shape)
+        kshape, vshape = self._scale_shapes(L, T, H * D)
+        # 4-D views [L, T, H, D] so `out` may be a strided slice of a larger buffer
+        scale_k = tensor_from_bytes(ksb, torch.float16, kshape)
+        scale_k = scale_k.view(L, 1, H, D) if self.keys == "channel" else scale_k.view(L, T, 1, 1)
+        scale_v = tensor_from_bytes(vsb, torch.float16, vshape).view(L, T, 1, 1)
+        _dequant(tensor_from_bytes(kb, torch.int8, (L, T, H, D)), scale_k, out.dtype, out[:, 0])
+        _dequant(tensor_from_bytes(vb, torch.int8, (L, T, H, D)), scale_v, out.dtype, out[:, 1])

@@ -71,6 +71,21 @@ def test_odd_lengths_and_dtypes(spec, tokens, dtype):
     assert rel_err(out, kv) < 0.7
 
 
+@pytest.mark.parametrize("spec", ["none", "int8", "int8:ktoken", "kivi4", "cachegen:zstd"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_decode_into_a_strided_slice_equals_decode(spec, dtype):
+    torch.manual_seed(1)
+    kv = (torch.randn(3, 2, 40, 2, 32) * torch.linspace(0.1, 4, 32)).to(dtype)
+    blob = bytes(make_codec(spec).encode(kv, "f" * 32))
+    want, _ = decode_blob(blob, "f" * 32)
+    buf = torch.full((3, 2, 100, 2, 32), 7.0, dtype=dtype)  # the loader's shared buffer
+    got, _ = decode_blob(blob, "f" * 32, out=buf[:, :, 30:70])
+    assert torch.equal(buf[:, :, 30:70], want) and got.data_ptr() == buf[:, :, 30:70].data_ptr()
+    assert bool((buf[:, :, :30] == 7).all()) and bool((buf[:, :, 70:] == 7).all())  # nothing else written
+    with pytest.raises(BlobError):  # a blob of another length never lands in the buffer
+        decode_blob(blob, "f" * 32, out=buf[:, :, 0:39])
+
+
 def test_constant_and_zero_inputs_are_exact_enough():
     for spec in ["int8", "fp8", "int4", "kivi2", "kivi4", "cachegen"]:
         zeros = torch.zeros(2, 2, 64, 2, 32, dtype=torch.float16)

@@ -45,7 +45,9 @@ def _slot_cases(bs, nblocks):
     cut = slots_for_tokens(blocks, 0, 0, 3 * bs + 5, bs)  # whole blocks then a partial one
     mid = slots_for_tokens(blocks, 0, bs // 2, 2 * bs + 3, bs)  # starts mid-block
     scattered = torch.tensor(g.sample(range(bs, nblocks * bs), 11))  # arbitrary slots
-    return [whole, cut, mid, scattered]
+    run = slots_for_tokens([4, 5, 6], 0, 0, 3 * bs, bs)  # consecutive blocks: written in place
+    shuffled_run = slots_for_tokens([4, 6, 5, 7], 0, 0, 4 * bs, bs)  # same span, not one run
+    return [whole, cut, mid, scattered, run, shuffled_run]
 
 
 @pytest.mark.parametrize("layout_cls,padded", [(CPUPagedLayout, False), (StandardPagedLayout, False),
@@ -76,6 +78,24 @@ def test_layout_gather_and_scatter_match_a_per_token_reference_loop(layout_cls, 
         assert torch.equal(layer[mask], before[mask])
         written = int((marker != 0).sum())
         assert written == 2 * len(slots) * h * d  # no slot written twice or missed
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_scatter_through_vllms_write_kernel_equals_the_torch_path(dtype):
+    from kvmw.integrations.vllm.connector import _checked_cpu_write_kernel
+
+    bs, h, d, nblocks = 32, 3, 64, 12
+    kernel = _checked_cpu_write_kernel(CPUPagedLayout(bs, h, d), dtype)
+    assert kernel is not None
+    torch.manual_seed(0)
+    for slots in _slot_cases(bs, nblocks):
+        layer = torch.randn(nblocks, h, bs, 2 * d).to(dtype)
+        kv = torch.randn(2, len(slots), h, d).to(dtype)
+        by_torch, by_kernel = layer.clone(), layer.clone()
+        CPUPagedLayout(bs, h, d).scatter(by_torch, slots, kv)
+        CPUPagedLayout(bs, h, d, write_kernel=kernel).scatter(by_kernel, slots, kv)
+        assert torch.equal(by_torch, by_kernel)
 
 
 def test_slots_for_tokens_follow_the_block_table():

@@ -70,6 +70,7 @@ from kvmw.integrations.vllm.model_identity import fingerprint_for_vllm
 from kvmw.integrations.vllm.paged_layout import CPUPagedLayout, PagedLayout, layout_for, slots_for_tokens
 from kvmw.integrations.vllm.plan import LoadSpec, Planner, SaveSpec, StepPlan
 from kvmw.keys import KeySpace
+from kvmw.quantizers.common import Workspace
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -82,6 +83,9 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = logging.getLogger("kvmw.vllm")
+
+#: the load buffer is kept between steps up to this size (a larger one is freed after its step)
+LOAD_BUFFER_KEEP = 512 << 20
 
 _LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
 
@@ -210,6 +214,7 @@ class KVMWConnector(KVConnectorBase_V1):
             self._layer_index: dict[str, int] = {}
             self._layout: PagedLayout | None = None
             self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (slots, kv[L, 2, T, H, D])
+            self._load_buffer = Workspace()
             self._save_bufs: list[tuple[SaveSpec, torch.Tensor, torch.Tensor]] = []
             self._failed_reqs: dict[str, int] = {}
             self._invalid_blocks: set[int] = set()
@@ -301,7 +306,7 @@ class KVMWConnector(KVConnectorBase_V1):
         backend = "CPU_ATTN" if sample.device.type == "cpu" else "gpu"
         self._layout = layout_for(backend, self.block_size, fp.num_kv_heads, fp.head_dim)
         if isinstance(self._layout, CPUPagedLayout):
-            _check_cpu_layout(self._layout, sample.dtype)
+            self._layout.write_kernel = _checked_cpu_write_kernel(self._layout, sample.dtype)
         log.info("kvmw: %d layers, page layout %s, cache %s %s", len(kv_caches), self._layout.name,
                  tuple(sample.shape), sample.dtype)
 
@@ -317,37 +322,44 @@ class KVMWConnector(KVConnectorBase_V1):
             return
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVMWConnectorMetadata)
-        for spec in meta.loads:
-            self._fetch(spec)
+        if meta.loads:
+            fp, cs = self.fingerprint, self.config.chunk_size
+            total = sum(len(spec.keys) for spec in meta.loads) * cs
+            dtype = next(iter(self._kv_caches.values())).dtype
+            # one buffer reused across steps: chunks decode into it (a fresh tensor per load
+            # page-faults at 2-5 GB/s here); released after a load larger than the cap
+            buf = self._load_buffer.get("kv", (fp.num_layers, 2, total, fp.num_kv_heads, fp.head_dim), dtype)
+            offset = 0
+            for spec in meta.loads:
+                self._fetch(spec, buf[:, :, offset: offset + len(spec.keys) * cs])
+                offset += len(spec.keys) * cs
         if not self.layerwise:  # fill every layer now instead of just before each runs
             for name in list(self._kv_caches):
                 self.wait_for_layer_load(name)
             self._pending = []
 
-    def _fetch(self, spec: LoadSpec) -> None:
+    def _fetch(self, spec: LoadSpec, buf: torch.Tensor) -> None:
+        """Decode the spec's chunks into `buf` [L, 2, chunks * chunk_size, H, D], in order,
+        up to the first that does not load; queue the loaded tokens' page writes."""
         from kvmw.quantizers import decode_blob
 
         t0 = time.perf_counter()
         cs, digest = self.config.chunk_size, self.fingerprint.digest
-        kvs: list[torch.Tensor] = []
-        for key in spec.keys:
+        n_loaded = 0
+        for j, key in enumerate(spec.keys):
             blob, tier = self.store.fetch(key, digest)
-            kv = None
-            if blob is not None:
-                try:
-                    kv, _ = decode_blob(blob, digest)
-                    if kv.shape[2] != cs:
-                        raise BlobError(f"chunk holds {kv.shape[2]} tokens, expected {cs}")
-                except BlobError as e:
-                    log.warning("kvmw: chunk %s did not decode (%s); vLLM recomputes from there", key, e)
-                    self.store.delete(key)
-                    kv = None
-            if kv is None:
+            if blob is None:
                 break
-            kvs.append(kv)
+            try:
+                decode_blob(blob, digest, out=buf[:, :, j * cs:(j + 1) * cs])
+            except BlobError as e:
+                log.warning("kvmw: chunk %s did not decode (%s); vLLM recomputes from there", key, e)
+                self.store.delete(key)
+                break
+            n_loaded += 1
             self.stats.bytes_loaded[tier] += memoryview(blob).nbytes
         base = spec.first_chunk * cs
-        loaded_end = min(spec.end, base + len(kvs) * cs)
+        loaded_end = min(spec.end, base + n_loaded * cs)
         if loaded_end < spec.end:  # the rest did not load: vLLM must recompute those blocks
             self.stats.load_failures += 1
             bs = self.block_size
@@ -357,11 +369,9 @@ class KVMWConnector(KVConnectorBase_V1):
                                                  loaded_end // cs)
             loaded_end = first_bad_block * bs
         if loaded_end > spec.start:
-            kv = torch.cat(kvs, dim=2) if len(kvs) > 1 else kvs[0]
-            kv = kv[:, :, spec.start - base: loaded_end - base]
             slots = slots_for_tokens(spec.block_ids, spec.first_block, spec.start, loaded_end, self.block_size)
-            self._pending.append((slots, kv))
-            self.stats.chunks_loaded += len(kvs)
+            self._pending.append((slots, buf[:, :, spec.start - base: loaded_end - base]))
+            self.stats.chunks_loaded += n_loaded
             self.stats.tokens_loaded += loaded_end - spec.start
         self.stats.load_seconds += time.perf_counter() - t0
 
@@ -407,6 +417,8 @@ class KVMWConnector(KVConnectorBase_V1):
         bufs, self._save_bufs = self._save_bufs, []
         self._load_started = False
         self._pending = []
+        if sum(b.numel() * b.element_size() for b in self._load_buffer.buffers.values()) > LOAD_BUFFER_KEEP:
+            self._load_buffer.buffers.clear()
         if not bufs:
             return
         t0 = time.perf_counter()
@@ -447,26 +459,31 @@ class KVMWConnector(KVConnectorBase_V1):
             pass
 
 
-def _check_cpu_layout(layout: CPUPagedLayout, dtype: torch.dtype) -> None:
+def _checked_cpu_write_kernel(layout: CPUPagedLayout, dtype: torch.dtype) -> Any:
     """Write known K/V through vLLM's own CPU cache-write kernel into a scratch
     cache and read them back with our layout: a vLLM build whose page interior
-    differs (another ISA) is refused at start rather than serving wrong KV."""
+    differs (another ISA) is refused at start rather than serving wrong KV. The
+    checked kernel is returned for the layout's scatters (None: not a CPU build)."""
     try:
         from vllm import _custom_ops as ops
         from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
     except ImportError:  # not a CPU build
-        return
+        return None
     bs, h, d = layout.block_size, layout.num_kv_heads, layout.head_dim
     isa = _get_attn_isa(dtype, bs, d, "auto")
+
+    def write(key, value, k_cache, v_cache, slots):
+        ops.cpu_attn_reshape_and_cache(key, value, k_cache, v_cache, slots, isa)
+
     scratch = torch.zeros(3, h, bs, 2 * d, dtype=dtype)
     t = bs + bs // 2 + 1
     g = torch.Generator().manual_seed(0)
     key = torch.randn(t, h, d, generator=g).to(dtype)
     value = torch.randn(t, h, d, generator=g).to(dtype)
     slots = torch.cat([torch.arange(bs, 2 * bs), torch.arange(0, t - bs)])  # block 1 whole, then block 0
-    k_cache, v_cache = scratch.view(3, h, 2 * bs, d).chunk(2, dim=2)
-    ops.cpu_attn_reshape_and_cache(key, value, k_cache, v_cache, slots, isa)
+    write(key, value, *scratch.view(3, h, 2 * bs, d).chunk(2, dim=2), slots)
     got = layout.gather(scratch, slots)
     if not (torch.equal(got[0], key) and torch.equal(got[1], value)):
         raise ConfigError(f"vLLM's CPU KV page layout (isa {isa}) is not the one kvmw knows; "
                           "refusing to load or store KV")
+    return write
