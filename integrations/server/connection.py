@@ -28,9 +28,11 @@ class FrameTooLong(Exception):
 
 class Connection:
     def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop,
-                 buffer_size: int = 1 << 16) -> None:
+                 buffer_size: int = 1 << 16, send_buffer: int = 0) -> None:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if send_buffer:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
         self.sock = sock
         self.loop = loop
         self._fd = sock.fileno()

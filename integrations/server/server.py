@@ -135,7 +135,7 @@ class KVServer:
         loop = asyncio.get_running_loop()
         while True:
             sock, _ = await loop.sock_accept(listener)
-            task = loop.create_task(self._client(Connection(sock, loop)))
+            task = loop.create_task(self._client(Connection(sock, loop, send_buffer=4 << 20)))
             self._clients.add(task)
             task.add_done_callback(self._clients.discard)
 
