@@ -1,19 +1,21 @@
 """Token eviction: which tokens of a sequence's KV to keep within a budget.
 
 Policies (one per module, pure torch): `StreamingLLM`, `H2O`, `SnapKV`, `TOVA`,
-`KNorm`. The transformers side (a budgeted, position-aware `EvictionCache`, the
-scoring hooks, compress-after-prefill) is `kvmw.eviction.hf`, imported on
-demand; chunk pruning before store is `kvmw.eviction.store`.
+`KNorm`, `KVzip` (scores from a second, context-reconstruction pass). The
+transformers side (a budgeted, position-aware `EvictionCache`, the scoring
+hooks, the reconstruction pass, compress-after-prefill) is `kvmw.eviction.hf`,
+imported on demand; chunk pruning before store is `kvmw.eviction.store`.
 """
 
 from kvmw.eviction.base import Budget, Policy, ScoreInputs, select
 from kvmw.eviction.h2o import H2O
 from kvmw.eviction.knorm import KNorm
+from kvmw.eviction.kvzip import KVzip
 from kvmw.eviction.snapkv import SnapKV
 from kvmw.eviction.streaming_llm import StreamingLLM
 from kvmw.eviction.tova import TOVA
 
-POLICIES: dict[str, type[Policy]] = {p.name: p for p in (StreamingLLM, H2O, SnapKV, TOVA, KNorm)}
+POLICIES: dict[str, type[Policy]] = {p.name: p for p in (StreamingLLM, H2O, SnapKV, TOVA, KNorm, KVzip)}
 
 
 def make_policy(name: str, **kwargs) -> Policy:
@@ -30,6 +32,7 @@ __all__ = [
     "TOVA",
     "Budget",
     "KNorm",
+    "KVzip",
     "Policy",
     "ScoreInputs",
     "SnapKV",

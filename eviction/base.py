@@ -66,7 +66,9 @@ class ScoreInputs:
     keys / values: [kv_heads, T, D], post-RoPE as cached. positions: [kv_heads, T] int64.
     queries: [q_heads, W, D] post-RoPE queries of the last W tokens seen (policies that read
     attention rows); query_positions: [W]. mass: [kv_heads, T] attention each cached token
-    has received so far, summed over the query heads of its group (H2O).
+    has received so far, summed over the query heads of its group (H2O). reconstruction:
+    [kv_heads, T] the largest attention each token received from the context-reconstruction
+    pass (KVzip).
     """
 
     keys: torch.Tensor
@@ -76,6 +78,7 @@ class ScoreInputs:
     query_positions: torch.Tensor | None = None
     mass: torch.Tensor | None = None
     scaling: float | None = None
+    reconstruction: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -111,6 +114,9 @@ class Policy(ABC):
     name: ClassVar[str] = "policy"
     #: attention mass over every query row is accumulated (H2O): the hooks compute all rows
     accumulates: ClassVar[bool] = False
+    #: scores come from a second pass that repeats the context (KVzip): run
+    #: `kvmw.eviction.hf.reconstruct` after the prefill, before compressing
+    reconstructs: ClassVar[bool] = False
 
     @property
     def query_rows(self) -> int:

@@ -15,6 +15,13 @@ of the rows the policy reads from the layer input (q_proj + the model's own
 rotary embedding; the main pass keeps SDPA), stores the last W of them on the
 layer, accumulates attention mass for H2O (all rows, in blocks), and, if the
 cache has a token bound, evicts down to it right after the layer's attention.
+
+Reconstruction (KVzip). `reconstruct(model, cache, context, prompt)` runs a second
+pass over the cache: the repeat prompt, then the context again, teacher-forced.
+While it runs the hooks recompute every row's query and keep, per layer, the
+largest attention each context token gets from them (`reconstruction_scores`);
+afterwards each layer is rolled back to the context alone (stored tokens, their
+positions and the seen count as before), so the question still lands at T.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import torch
 
 from kvmw.eviction.attention import accumulate_attention
 from kvmw.eviction.base import Budget, Policy, ScoreInputs
+from kvmw.eviction.kvzip import reconstruction_scores
 from transformers.cache_utils import Cache, DynamicLayer
 
 
@@ -43,6 +51,7 @@ class EvictionLayer(DynamicLayer):
         self.mass: torch.Tensor | None = None  # [H, S] fp32, H2O's accumulated attention
         self.queries: torch.Tensor | None = None  # [q_heads, W, D], newest queries
         self.query_positions: torch.Tensor | None = None  # [W]
+        self.reconstruction: torch.Tensor | None = None  # [H, S] fp32, KVzip's scores
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +82,7 @@ class EvictionLayer(DynamicLayer):
     def reset(self) -> None:
         super().reset()
         self.seen, self.positions, self.mass, self.queries, self.query_positions = 0, None, None, None, None
+        self.reconstruction = None
 
     def load(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, seen: int) -> None:
         """Fill from stored KV ([1, H, S, D]) at `positions` ([S] or [H, S]) of a `seen`-token sequence."""
@@ -85,7 +95,7 @@ class EvictionLayer(DynamicLayer):
     def inputs(self, scaling: float | None = None) -> ScoreInputs:
         return ScoreInputs(keys=self.keys[0], values=self.values[0], positions=self.positions,
                            queries=self.queries, query_positions=self.query_positions, mass=self.mass,
-                           scaling=scaling)
+                           scaling=scaling, reconstruction=self.reconstruction)
 
     def keep(self, indices: torch.Tensor) -> None:
         """Keep the tokens at `indices` ([H, k], sorted) of every head; drop the rest."""
@@ -96,6 +106,17 @@ class EvictionLayer(DynamicLayer):
         self.positions = self.positions.gather(1, indices)
         if self.mass is not None:
             self.mass = self.mass.gather(1, indices)
+        if self.reconstruction is not None:
+            self.reconstruction = self.reconstruction.gather(1, indices)
+
+    def rollback(self, stored: int, seen: int) -> None:
+        """Drop every token stored after the first `stored` and set the seen count back to
+        `seen` (the reconstruction pass leaves nothing behind)."""
+        self.keys, self.values = self.keys[:, :, :stored], self.values[:, :, :stored]
+        self.positions = self.positions[:, :stored]
+        if self.mass is not None:
+            self.mass = self.mass[:, :stored]
+        self.seen = seen
 
     def nbytes(self) -> int:
         return 0 if not self.is_initialized else self.keys.nbytes + self.values.nbytes
@@ -116,6 +137,8 @@ class EvictionCache(Cache):
         super().__init__(layers=[EvictionLayer() for _ in range(text.num_hidden_layers)])
         self.policy = policy
         self.max_tokens = max_tokens
+        #: set while `reconstruct` runs: the hooks score reconstruction rows in blocks of this size
+        self.reconstruction_block: int | None = None
         if max_tokens is not None and policy is None:
             raise ValueError("a bounded eviction cache needs a policy")
 
@@ -170,7 +193,12 @@ def recompute_queries(module: torch.nn.Module, hidden: torch.Tensor,
 
 def _after_attention(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
     cache = kwargs.get("past_key_values")
-    if not isinstance(cache, EvictionCache) or cache.policy is None:
+    if not isinstance(cache, EvictionCache):
+        return
+    if cache.reconstruction_block is not None:
+        _score_reconstruction(module, cache, args, kwargs)
+        return
+    if cache.policy is None:
         return
     policy = cache.policy
     layer = cache.layers[module.layer_idx]
@@ -196,6 +224,21 @@ def _after_attention(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any
         layer.keep(policy.keep(layer.inputs(module.scaling), cache.max_tokens))
 
 
+def _score_reconstruction(module: torch.nn.Module, cache: EvictionCache, args: tuple,
+                          kwargs: dict[str, Any]) -> None:
+    """Every row of this reconstruction step: the max attention each context token gets."""
+    layer = cache.layers[module.layer_idx]
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    n = hidden.shape[1]
+    with torch.no_grad():
+        q = recompute_queries(module, hidden, kwargs["position_embeddings"])
+    q_pos = torch.arange(layer.seen - n, layer.seen, device=q.device)
+    n_ctx = layer.reconstruction.shape[1]
+    scores = reconstruction_scores(q, layer.keys[0], q_pos, layer.positions, n_ctx, module.scaling,
+                                   cache.reconstruction_block)
+    layer.reconstruction = torch.maximum(layer.reconstruction, scores)
+
+
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The attention modules of a Llama-like model (they own q_proj and a layer_idx)."""
     mods = [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "layer_idx")]
@@ -216,16 +259,53 @@ def eviction_hooks(model: torch.nn.Module) -> Iterator[None]:
 
 
 @torch.inference_mode()
+def reconstruct(model: torch.nn.Module, cache: EvictionCache, context_ids: torch.Tensor,
+                prompt_ids: torch.Tensor | list[int], chunk: int = 2048, overlap: int = 8,
+                block: int = 256) -> None:
+    """KVzip's scoring pass: feed `prompt_ids` then `context_ids` (the tokens to repeat,
+    usually those just prefilled) over `cache`, teacher-forced, `chunk` context tokens at
+    a time (each later chunk preceded by the prompt and the previous chunk's last `overlap`
+    tokens). Leaves each layer's `reconstruction` scores [H, stored] (max attention from any
+    reconstruction row, softmax over everything the row sees) and the cache as it was."""
+    ctx = torch.as_tensor(context_ids).reshape(-1).to(model.device)
+    prompt = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(-1).to(model.device)
+    layers = cache.layers
+    stored, seen = [layer.stored for layer in layers], [layer.seen for layer in layers]
+    for layer, s in zip(layers, stored):
+        layer.reconstruction = torch.zeros(layer.positions.shape[0], s, dtype=torch.float32,
+                                           device=layer.keys.device)
+    cache.reconstruction_block = block
+    try:
+        with eviction_hooks(model):
+            for start in range(0, ctx.shape[0], chunk):
+                ids = torch.cat([prompt, ctx[max(0, start - overlap):start], ctx[start:start + chunk]])
+                model(ids[None], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                for layer, s, n in zip(layers, stored, seen):
+                    layer.rollback(s, n)
+    finally:
+        cache.reconstruction_block = None
+        for layer, s, n in zip(layers, stored, seen):
+            if layer.stored != s:
+                layer.rollback(s, n)
+
+
+@torch.inference_mode()
 def prefill_compressed(model: torch.nn.Module, input_ids: torch.Tensor, policy: Policy,
-                       budget: Budget | int) -> EvictionCache:
+                       budget: Budget | int, prompt_ids: torch.Tensor | list[int] | None = None) -> EvictionCache:
     """Prefill `input_ids` ([T] or [1, T]) and compress its cache to `budget` with `policy`.
 
     Continue with `model.generate(torch.cat([input_ids, question]), past_key_values=cache)`:
     the cache reports T seen tokens, so only the question is computed, at positions T...
+    A policy that `reconstructs` (KVzip) needs `prompt_ids`, its repeat prompt's ids
+    (`policy.prompt_ids(tokenizer)`); the context repeated is `input_ids`.
     """
     ids = input_ids.reshape(1, -1).to(model.device)
     cache = EvictionCache(model.config, policy)
     with eviction_hooks(model):
         model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    if policy.reconstructs:
+        if prompt_ids is None:
+            raise ValueError(f"{policy.name} needs the repeat prompt's ids (prompt_ids=policy.prompt_ids(tokenizer))")
+        reconstruct(model, cache, ids[0], prompt_ids, policy.chunk, policy.overlap, policy.block)
     cache.compress(budget)
     return cache

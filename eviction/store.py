@@ -28,6 +28,11 @@ class StoreEviction:
     policy: Policy
     budget: Budget
 
+    def __post_init__(self) -> None:
+        if self.policy.reconstructs:
+            raise ValueError(f"{self.policy.name}: chunks are pruned from the prefill's own scores; "
+                             "its context-reconstruction pass is not run before store")
+
     @property
     def salt(self) -> str:
         """Mixed into the key namespace: chunks pruned differently never collide."""

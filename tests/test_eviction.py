@@ -10,6 +10,7 @@ from kvmw.eviction import (
     TOVA,
     Budget,
     KNorm,
+    KVzip,
     ScoreInputs,
     SnapKV,
     StreamingLLM,
@@ -17,7 +18,8 @@ from kvmw.eviction import (
     select,
 )
 from kvmw.eviction.attention import accumulate_attention, pool_groups, window_attention
-from kvmw.eviction.store import chunk_span, encode_pruned, uniform_keep
+from kvmw.eviction.kvzip import reconstruction_scores
+from kvmw.eviction.store import StoreEviction, chunk_span, encode_pruned, uniform_keep
 from kvmw.quantizers import decode_blob, make_codec
 
 
@@ -120,8 +122,38 @@ def test_h2o_keeps_heavy_hitters_and_a_recent_share_of_the_budget():
         H2O().keep(inputs(T=10), 5)
 
 
+def test_kvzip_scores_are_each_keys_max_causal_attention_over_rows_and_its_query_group():
+    hk, hq, T, R, D = 2, 6, 10, 7, 8
+    g = torch.Generator().manual_seed(3)
+    keys, q = torch.randn(hk, T + R, D, generator=g), torch.randn(hq, R, D, generator=g)
+    kpos, qpos = torch.arange(T + R).expand(hk, -1), torch.arange(T, T + R)
+    naive = torch.zeros(hk, T)
+    for h in range(hq):  # one query head and row at a time; query head h reads kv head h // 3
+        for r in range(R):
+            seen = T + r + 1  # the context and the repeat tokens up to itself
+            p = torch.softmax(keys[h // 3, :seen] @ q[h, r] / D ** 0.5, -1)
+            naive[h // 3] = torch.maximum(naive[h // 3], p[:T])
+    for block in (1000, 3):
+        torch.testing.assert_close(reconstruction_scores(q, keys, qpos, kpos, T, block=block), naive)
+    mean = window_attention(q, keys, qpos, kpos)[..., :T].mean(1)  # not the mean: the max
+    assert not torch.allclose(pool_groups(mean, hk), naive)
+
+    inp = inputs(T=40, reconstruction=torch.rand(2, 40, generator=g))
+    inp.reconstruction[0, 17] = inp.reconstruction[1, 30] = 5.0
+    idx = KVzip(sinks=2).keep(inp, 8)
+    assert 17 in idx[0] and 30 in idx[1] and all({0, 1} <= set(r) for r in idx.tolist())
+    torch.testing.assert_close(idx, select(inp.reconstruction, 8, sinks=2))
+    with pytest.raises(ValueError):
+        KVzip().keep(inputs(T=10), 5)  # no reconstruction pass was run
+    with pytest.raises(ValueError):
+        KVzip().keep(inputs(T=10, reconstruction=torch.rand(2, 8)), 5)  # scores of another length
+    with pytest.raises(ValueError):
+        StoreEviction(KVzip(), Budget(ratio=0.5))  # no reconstruction pass before store
+
+
 def test_make_policy_by_name():
     assert make_policy("snapkv", window=32) == SnapKV(window=32)
+    assert make_policy("kvzip", chunk=512) == KVzip(chunk=512) and KVzip.reconstructs
     with pytest.raises(ValueError):
         make_policy("nope")
 

@@ -8,9 +8,9 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from kvmw.config import KVMWConfig
-from kvmw.eviction import H2O, Budget, SnapKV, StreamingLLM
+from kvmw.eviction import H2O, Budget, KVzip, SnapKV, StreamingLLM
 from kvmw.eviction.attention import pool_groups
-from kvmw.eviction.hf import EvictionCache, eviction_hooks, prefill_compressed
+from kvmw.eviction.hf import EvictionCache, eviction_hooks, prefill_compressed, reconstruct
 from kvmw.eviction.store import StoreEviction
 from kvmw.integrations.hf import KVMW
 from kvmw.quantizers import decode_blob
@@ -90,22 +90,80 @@ def test_hook_rows_and_h2o_mass_equal_the_models_eager_attention():
         torch.testing.assert_close(h2o.layers[i].mass, pool_groups(att[i][0].sum(1), 2, reduce="sum"))
 
 
-def test_generation_after_eviction_equals_attention_over_kept_tokens_at_true_positions(smollm2, ids):
-    model, _ = smollm2
+@pytest.mark.parametrize("chunk", [1000, 16], ids=["one_pass", "chunked"])
+def test_kvzip_reconstruction_scores_equal_the_models_eager_attention_and_leave_no_tokens(chunk):
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    ctx, prompt, nxt = torch.randint(0, 128, (40,)), torch.randint(0, 128, (5,)), torch.randint(0, 128, (3,))
+    T, overlap = 40, 4
+    naive = torch.zeros(2, 2, T)  # [layer, kv head, token]: max over rows and query groups
+    with torch.inference_mode():
+        for start in range(0, T, chunk):  # each chunk: the prompt, the previous chunk's tail, the chunk
+            rec = torch.cat([prompt, ctx[max(0, start - overlap):start], ctx[start:start + chunk]])
+            att = model(torch.cat([ctx, rec])[None], output_attentions=True).attentions
+            for i in range(2):
+                rows = att[i][0, :, T:, :T].amax(1)  # [q_heads, T]
+                naive[i] = torch.maximum(naive[i], rows.reshape(2, 2, T).amax(1))
+        cache, plain = EvictionCache(cfg), DynamicCache(config=cfg)
+        model(ctx[None], past_key_values=cache)
+        model(ctx[None], past_key_values=plain)
+        reconstruct(model, cache, ctx, prompt, chunk=chunk, overlap=overlap, block=7)
+    for i, layer in enumerate(cache.layers):
+        torch.testing.assert_close(layer.reconstruction, naive[i])
+        assert torch.equal(layer.keys, plain.layers[i].keys) and torch.equal(layer.values, plain.layers[i].values)
+        assert layer.positions.tolist() == [list(range(T))] * 2 and layer.seen == T
+    with torch.inference_mode():  # the reconstruction left nothing behind: the next tokens land at T
+        out = model(nxt[None], past_key_values=cache).logits[0]
+        ref = model(torch.cat([ctx, nxt])[None]).logits[0, T:]
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_kvzip_generation_after_compression_attends_to_kept_tokens_at_true_positions(smollm2, ids):
+    model, tok = smollm2
     ctx, new = ids[:288], ids[288:320]
-    cache = prefill_compressed(model, ctx, SnapKV(window=32), Budget(ratio=0.25))
-    assert cache.get_seq_length() == 288 and cache.stored_tokens() == 72
+    policy = KVzip()
+    with pytest.raises(ValueError):
+        prefill_compressed(model, ctx, policy, Budget(ratio=0.25))  # no repeat prompt
+    cache = prefill_compressed(model, ctx, policy, Budget(ratio=0.25), policy.prompt_ids(tok))
+    positions = [layer.positions for layer in cache.layers]
+    assert all(p[:, :4].tolist() == [[0, 1, 2, 3]] * p.shape[0] for p in positions)  # sinks
+    kept = _matches_attention_over_kept_tokens(model, cache, ctx, new)
+
+    cache = prefill_compressed(model, ctx, policy, Budget(ratio=0.25), policy.prompt_ids(tok))
+    with torch.inference_mode():
+        gen = model.generate(ids[None, :320], past_key_values=cache, max_new_tokens=8, min_new_tokens=8,
+                             do_sample=False)[0, 320:]
+    teacher = reference_logits(model, kept, torch.cat([new, gen[:-1]]), start=288)[31:]
+    assert torch.equal(teacher.argmax(-1), gen)
+
+
+def _matches_attention_over_kept_tokens(model, cache, ctx, new):
+    """A cache compressed to 25% of `ctx` holds exactly the full KV at its kept
+    positions (different per head), and feeding `new` through it gives the logits of
+    attention over those tokens at their true positions. Returns the kept KV."""
+    n = len(ctx)
+    assert cache.get_seq_length() == n and cache.stored_tokens() == n // 4
     positions = [layer.positions for layer in cache.layers]
     assert any(not torch.equal(positions[0][0], p[h]) for p in positions for h in range(p.shape[0]))  # per head
     kept = gather(full_kv(model, ctx), positions)
     for layer, (k, v) in zip(cache.layers, kept):
         assert torch.equal(layer.keys[0], k) and torch.equal(layer.values[0], v)
-
-    ref = reference_logits(model, kept, new, start=288)
+    ref = reference_logits(model, kept, new, start=n)
     with torch.inference_mode():
         out = model(new[None], past_key_values=cache).logits[0]
     torch.testing.assert_close(out, ref, atol=2e-3, rtol=1e-4)
-    assert cache.get_seq_length() == 320 and cache.stored_tokens() == 72 + 32
+    assert cache.get_seq_length() == n + len(new) and cache.stored_tokens() == n // 4 + len(new)
+    return kept
+
+
+def test_generation_after_eviction_equals_attention_over_kept_tokens_at_true_positions(smollm2, ids):
+    model, _ = smollm2
+    ctx, new = ids[:288], ids[288:320]
+    cache = prefill_compressed(model, ctx, SnapKV(window=32), Budget(ratio=0.25))
+    kept = _matches_attention_over_kept_tokens(model, cache, ctx, new)
     # the pitfall: a plain cache of the kept KV puts new tokens at position 72, not 288
     naive = DynamicCache(config=model.config)
     for i, (k, v) in enumerate(kept):
@@ -113,7 +171,7 @@ def test_generation_after_eviction_equals_attention_over_kept_tokens_at_true_pos
     with torch.inference_mode():
         wrong = model(new[None], past_key_values=naive).logits[0]
     torch.testing.assert_close(wrong, reference_logits(model, kept, new, start=72), atol=2e-3, rtol=1e-4)
-    assert (wrong - ref).abs().max() > 1.0
+    assert (wrong - reference_logits(model, kept, new, start=288)).abs().max() > 1.0
 
     # greedy generation through `generate` (it slices the prompt by get_seq_length)
     cache = prefill_compressed(model, ctx, SnapKV(window=32), Budget(ratio=0.25))

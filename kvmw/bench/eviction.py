@@ -15,7 +15,10 @@ seen), compressed, then:
 - prefill overhead of scoring: prefill + hooks + compression time over a plain
   SDPA prefill, measured on the first prompt (2 cores, shared: noisy).
 One prefill per prompt serves every policy: the hooks capture the last 64
-queries and H2O's attention mass once, each policy then compresses a copy.
+queries and H2O's attention mass once, KVzip's reconstruction pass (repeat prompt
++ the context again, its tokens dropped afterwards) runs once on it, each policy
+then compresses a copy. KVzip's repeat prompt closes the user turn and opens the
+assistant's on the needle prompts (chat), as kvpress does; plain on fidelity.
 
 kvpress (NVIDIA) runs the presses of the same names (H2O: ObservedAttentionPress)
 on the same token ids in a venv of its own (`--kvpress-python`; it pins
@@ -38,7 +41,7 @@ import torch.nn.functional as F
 
 from kvmw.bench.common import machine, print_table, write_json
 
-POLICIES = ["streaming_llm", "h2o", "snapkv", "tova", "knorm"]
+POLICIES = ["streaming_llm", "h2o", "snapkv", "tova", "knorm", "kvzip"]
 PLACES = ["Oslo", "Lima", "Hanoi", "Quito", "Dakar", "Perth", "Riga", "Accra", "Bogota", "Tbilisi", "Nairobi",
           "Lisbon", "Manila", "Tunis", "Zagreb", "Austin", "Cairo", "Denver", "Kyoto", "Porto"]
 KVPRESS_VENV = "/tmp/kvpress-venv"
@@ -63,14 +66,31 @@ def _capture_policy():
     return Capture()
 
 
+def _repeat_ids(tok: Any, policy: Any, chat: bool) -> list[int]:
+    """KVzip's repeat prompt; on a chat prompt it ends the user turn and opens the assistant's."""
+    text = policy.prompt
+    if chat:
+        text = text.rstrip("\n") + "<|im_end|>\n<|im_start|>assistant\n"
+    return tok(text, add_special_tokens=False).input_ids
+
+
+def _recon(tok: Any, policy: Any, chat: bool) -> tuple[Any, list[int]] | None:
+    return None if policy is None else (policy, _repeat_ids(tok, policy, chat))
+
+
 @torch.inference_mode()
-def _prefill(model: Any, ctx: torch.Tensor) -> Any:
-    from kvmw.eviction.hf import EvictionCache, eviction_hooks
+def _prefill(model: Any, ctx: torch.Tensor, recon: tuple[Any, list[int]] | None = None) -> Any:
+    """The captured cache of `ctx`; `recon` = (KVzip policy, repeat prompt ids): its
+    reconstruction pass runs on the cache too (scores kept, tokens not)."""
+    from kvmw.eviction.hf import EvictionCache, eviction_hooks, reconstruct
 
     cache = EvictionCache(model.config, _capture_policy())
     with eviction_hooks(model):
         logits = model(ctx[None], past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
     cache.policy = None
+    if recon is not None:
+        policy, prompt = recon
+        reconstruct(model, cache, ctx, prompt, policy.chunk, policy.overlap, policy.block)
     return cache, logits
 
 
@@ -96,10 +116,11 @@ def _derive(model: Any, src: Any, policy: Any = None, budget: Any = None) -> Any
             dst.queries = s.queries[:, -w:] if w else None
             dst.query_positions = s.query_positions[-w:] if w else None
             dst.mass = s.mass if policy.accumulates else None
+            dst.reconstruction = s.reconstruction if policy.reconstructs else None
     if policy is not None:
         cache.compress(budget, policy)
         for layer in cache.layers:
-            layer.queries = layer.query_positions = layer.mass = None
+            layer.queries = layer.query_positions = layer.mass = layer.reconstruction = None
     return cache
 
 
@@ -146,7 +167,8 @@ def needle_tasks(tok: Any, n: int, context_tokens: int, seed: int = 0, distracto
     return tasks
 
 
-def _timed_prefill(model: Any, ctx: torch.Tensor, policy: Any, budget: Any, repeat: int) -> tuple[float, float]:
+def _timed_prefill(model: Any, ctx: torch.Tensor, policy: Any, budget: Any, repeat: int,
+                   prompt_ids: list[int] | None = None) -> tuple[float, float]:
     """(plain prefill seconds, prefill + hooks + compress seconds), best of `repeat`."""
     from transformers import DynamicCache
 
@@ -159,7 +181,7 @@ def _timed_prefill(model: Any, ctx: torch.Tensor, policy: Any, budget: Any, repe
             model(ctx[None], past_key_values=DynamicCache(config=model.config), logits_to_keep=1)
         plain.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        prefill_compressed(model, ctx, policy, budget)
+        prefill_compressed(model, ctx, policy, budget, prompt_ids)
         evict.append(time.perf_counter() - t0)
     return min(plain), min(evict)
 
@@ -193,6 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     budgets = [Budget.parse(b) for b in args.budgets]
     policies = {name: make_policy(name) for name in args.policies}
     results: dict[str, Any] = {name: {b.tag: {} for b in budgets} for name in policies}
+    kvzip = next((p for p in policies.values() if p.reconstructs), None)
     out: dict[str, Any] = {"model": args.model, "budgets": [b.tag for b in budgets], "machine": machine()}
     full_bytes = None
 
@@ -204,7 +227,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for i, task in enumerate(tasks):
             ctx, q = torch.tensor(task["context"]), torch.tensor(task["question"])
             t0 = time.perf_counter()
-            src, _ = _prefill(model, ctx)
+            src, _ = _prefill(model, ctx, _recon(tok, kvzip, chat=True))
             full_ans = tok.decode(_answer(model, _derive(model, src), q, args.max_new, stop))
             full_right += task["answer"] in full_ans
             full_bytes = src.nbytes()
@@ -235,7 +258,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for i in range(args.fidelity_samples):
             ids = tok(essay_text(args.context * 6, start=40 + 3 * i), add_special_tokens=False).input_ids
             ctx = torch.tensor(ids[: args.context])
-            src, last = _prefill(model, ctx)
+            src, last = _prefill(model, ctx, _recon(tok, kvzip, chat=False))
             full_bytes = src.nbytes()
             fed = _greedy(model, _derive(model, src), int(last.argmax()), args.steps)
             ref = _teacher(model, _derive(model, src), fed)
@@ -255,7 +278,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     timing_ctx = torch.tensor(needle_tasks(tok, 1, args.context, seed=args.seed)[0]["context"])
     for name, policy in policies.items():
-        plain, evict = _timed_prefill(model, timing_ctx, policy, budgets[0], args.repeat)
+        prompt = _repeat_ids(tok, policy, chat=True) if policy.reconstructs else None
+        plain, evict = _timed_prefill(model, timing_ctx, policy, budgets[0], args.repeat, prompt)
         for b in budgets:
             results[name][b.tag]["prefill_overhead_pct"] = (evict / plain - 1) * 100
             results[name][b.tag]["prefill_seconds"] = evict
@@ -307,7 +331,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policies", nargs="+", default=POLICIES, choices=POLICIES)
     p.add_argument("--budgets", nargs="+", default=["50%", "25%", "10%"])
     p.add_argument("--context", type=int, default=1536, help="essay tokens per context (facts added)")
-    p.add_argument("--samples", type=int, default=16, help="needle prompts")
+    p.add_argument("--samples", type=int, default=20, help="needle prompts")
     p.add_argument("--steps", type=int, default=32, help="teacher-forced steps for agreement / KL")
     p.add_argument("--fidelity-samples", type=int, default=4, help="contexts for agreement / KL")
     p.add_argument("--max-new", type=int, default=8, help="answer tokens")
@@ -320,7 +344,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kvpress", action=argparse.BooleanOptionalAction, default=True,
                    help="run kvpress's presses on the needle prompts")
     p.add_argument("--kvpress-samples", type=int, default=6, help="needle prompts kvpress runs (each press "
-                   "and budget prefills again: 15 prefills a prompt)")
+                   "and budget prefills again: 18 prefills a prompt, KVzip's twice)")
     p.add_argument("--kvpress-python", default=f"{KVPRESS_VENV}/bin/python")
     p.add_argument("--kvpress-timeout", type=int, default=7200)
     p.add_argument("--json", default="")

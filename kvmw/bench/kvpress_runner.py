@@ -29,7 +29,9 @@ def main(src: str, dst: str) -> int:
                "snapkv": lambda r: kvpress.SnapKVPress(compression_ratio=r, window_size=64, kernel_size=5),
                "tova": lambda r: kvpress.TOVAPress(compression_ratio=r),
                "knorm": lambda r: kvpress.KnormPress(compression_ratio=r),
-               "h2o": lambda r: kvpress.ObservedAttentionPress(compression_ratio=r)}
+               "h2o": lambda r: kvpress.ObservedAttentionPress(compression_ratio=r),
+               # its own reconstruction pass after the prefill; budgets non-uniform over layers and heads
+               "kvzip": lambda r: kvpress.KVzipPress(compression_ratio=r)}
     models = {}
 
     def model_for(name: str):
