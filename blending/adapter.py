@@ -28,26 +28,34 @@ class UnsupportedModelError(KVMWError, ValueError):
 
 
 @dataclass
+class Deviation:
+    """Per-head squared distance [H, S] between the fresh and the held KV of the tokens a
+    layer ran for, keys and values apart (CacheBlend's KV deviation)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+@dataclass
 class ScatterKV:
     """Per-layer full KV [1, H, T, D]; `update` scatters the selected tokens' fresh KV in.
 
-    `deviation`, when a list, receives per-token squared distance between the
-    fresh and the previously held KV (CacheBlend's check layer) before overwriting.
+    `deviation`, when a list, receives the layer's `Deviation` (fresh vs previously
+    held KV of the `index` tokens) before the fresh KV overwrites the held one.
     """
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     index: torch.Tensor
-    deviation: list[torch.Tensor] | None = field(default=None)
+    deviation: list[Deviation] | None = field(default=None)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self.keys[layer_idx], self.values[layer_idx]
         if self.deviation is not None:
             old_k, old_v = k[:, :, self.index], v[:, :, self.index]
-            dev = ((key_states - old_k).float().pow(2).sum(dim=(0, 1, 3))
-                   + (value_states - old_v).float().pow(2).sum(dim=(0, 1, 3)))
-            self.deviation.append(dev)
+            self.deviation.append(Deviation((key_states - old_k).float().pow(2).sum(dim=(0, 3)),
+                                            (value_states - old_v).float().pow(2).sum(dim=(0, 3))))
         k[:, :, self.index] = key_states.to(k.dtype)
         v[:, :, self.index] = value_states.to(v.dtype)
         return k, v

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from kvmw.blending import cacheblend, epic  # noqa: F401  (register the strategies)
-from kvmw.blending.adapter import LlamaLikeAdapter, ScatterKV
+from kvmw.blending.adapter import Deviation, LlamaLikeAdapter, ScatterKV
 from kvmw.blending.rope import Repositioner
 from kvmw.blending.strategy import BlendPlan, make_strategy
 from kvmw.layout import to_hf_layers
@@ -33,7 +33,8 @@ class RAGResult:
     text: str | None = None
     strategy: str = ""
     recompute_ratio: float = 0.0
-    recomputed_tokens: int = 0  # tokens that ran in the selective layers (question included)
+    recomputed_tokens: int = 0  # tokens that ran in the last layers (question included)
+    token_layers: int = 0  # (token, layer) pairs computed: the prefill work, full prefill's = N * layers
     full_layers: int = 0  # leading layers that ran for every token
     documents_loaded: dict[str, int] = field(default_factory=dict)  # tier -> documents
     documents_prefilled: int = 0
@@ -150,20 +151,30 @@ class RAGBlender:
         t0 = time.perf_counter()
         positions = torch.arange(n, device=device)
         full = min(strategy.full_layers, L)
-        deviation: list[torch.Tensor] = []
-        hidden = self.adapter.embed(ids)
-        everyone = torch.arange(n, device=device)
-        for i in range(full):
-            kv = ScatterKV(keys, values, everyone, deviation if i == full - 1 else None)
-            hidden = self.adapter.run_layer(i, hidden, positions, kv, positions)
+        refine = set(strategy.refine_layers)
         plan = BlendPlan(cached=cached, spans=spans)
-        chosen = strategy.select(plan, deviation[-1] if deviation else None) | ~cached
-        index = chosen.nonzero().squeeze(1).to(device)
-        hidden = hidden[:, index] if full else self.adapter.embed(ids[index.cpu()])
-        for i in range(full, L):
-            hidden = self.adapter.run_layer(i, hidden, positions[index], ScatterKV(keys, values, index), positions)
+        index = torch.arange(n, device=device)
+        if full:
+            hidden = self.adapter.embed(ids)
+        else:  # no layer for everyone: the strategy chooses up front
+            index = (strategy.select(plan, None) | ~cached).nonzero().squeeze(1).to(device)
+            hidden = self.adapter.embed(ids[index.cpu()])
+        token_layers = 0
+        for i in range(L):
+            deviation: list[Deviation] | None = [] if i == full - 1 or i in refine else None
+            hidden = self.adapter.run_layer(i, hidden, positions[index], ScatterKV(keys, values, index, deviation),
+                                            positions)
+            token_layers += index.numel()
+            if i == full - 1:  # the check layer: every token ran, keep the chosen ones
+                keep = (strategy.select(plan, deviation[0]) | ~cached).to(device)
+            elif i in refine and i < L - 1:  # gradual filtering: narrow the set by this layer's deviation
+                keep = strategy.refine(plan, i, index, deviation[0]).to(device)
+            else:
+                continue
+            index, hidden = index[keep], hidden[:, keep]
         result.timings["recompute"] = time.perf_counter() - t0
         result.recomputed_tokens = int(index.numel())
+        result.token_layers = token_layers
         result.full_layers = full
         return keys, values
 
@@ -173,15 +184,18 @@ def _kv_geometry(model: Any) -> tuple[int, int]:
     return cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
-def generate_rag(hook: Any, documents: Sequence[Any], question: Any, strategy: str = "cacheblend",
+def generate_rag(hook: Any, documents: Sequence[Any], question: Any, strategy: Any = "cacheblend",
                  recompute_ratio: float = 0.15, preamble: Any = None, keep_cache: bool = False,
                  **generate_kwargs: Any) -> RAGResult:
-    """See `KVMW.generate_rag`."""
+    """See `KVMW.generate_rag`. `strategy` is a name (with `recompute_ratio`) or a `BlendStrategy`."""
     from transformers import DynamicCache
 
     t_start = time.perf_counter()
     blender = hook._blender()
     ids, spans, _ = blender.segments(documents, question, preamble)
+    plan = None
+    if not isinstance(strategy, str):
+        plan, strategy, recompute_ratio = strategy, strategy.name, strategy.recompute_ratio
     result = RAGResult(sequences=ids[None], prompt_tokens=len(ids), strategy=strategy,
                        recompute_ratio=recompute_ratio,
                        timings={"lookup": 0.0, "load": 0.0, "prefill": 0.0, "recompute": 0.0})
@@ -192,9 +206,10 @@ def generate_rag(hook: Any, documents: Sequence[Any], question: Any, strategy: s
         generate_kwargs["return_dict_in_generate"] = True
     if strategy == "full_prefill":
         result.recomputed_tokens, result.full_layers = len(ids), blender.adapter.num_layers
+        result.token_layers = len(ids) * blender.adapter.num_layers
         out = generate(ids[None].to(device), streamer=clock, **generate_kwargs)
     else:
-        plan = make_strategy(strategy, recompute_ratio)
+        plan = plan or make_strategy(strategy, recompute_ratio)
         doc_ids = [ids[s:e] for s, e in spans]
         t0 = time.perf_counter()
         stored = hook.store.contains([hook.keyspace.chunk_key(d) for d in doc_ids])  # one batched lookup

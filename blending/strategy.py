@@ -4,13 +4,14 @@ A prompt is segments: cached documents (their KV loaded and re-positioned) and
 uncached text (preamble, question), which is always computed. A strategy says
 how many leading layers run for every token (`full_layers`), then which cached
 tokens also run in the remaining layers (`select`, which may use the KV
-deviation measured in the last full layer).
+deviation measured in the last full layer), and may narrow that set again after
+some of the later layers (`refine_layers`, `refine`: gradual filtering).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -40,9 +41,20 @@ class BlendStrategy:
     def full_layers(self) -> int:
         return 0
 
-    def select(self, plan: BlendPlan, deviation: torch.Tensor | None) -> torch.Tensor:
-        """Bool [N]: cached tokens to recompute after the full layers (uncached ones always are)."""
+    @property
+    def refine_layers(self) -> tuple[int, ...]:
+        """Layers after which `refine` narrows the recomputed set (by their KV deviation)."""
+        return ()
+
+    def select(self, plan: BlendPlan, deviation: Any) -> torch.Tensor:
+        """Bool [N]: cached tokens to recompute after the full layers (uncached ones always are).
+        `deviation`: the last full layer's `Deviation` over every token (None without one)."""
         raise NotImplementedError
+
+    def refine(self, plan: BlendPlan, layer: int, index: torch.Tensor, deviation: Any) -> torch.Tensor:
+        """Bool [len(index)]: which of the tokens that ran in `layer` (`index`, their
+        `Deviation` there) run on (uncached ones always do)."""
+        return torch.ones(len(index), dtype=torch.bool)
 
 
 @dataclass
@@ -51,7 +63,7 @@ class FullReuse(BlendStrategy):
 
     name: ClassVar[str] = "full_reuse"
 
-    def select(self, plan: BlendPlan, deviation: torch.Tensor | None) -> torch.Tensor:
+    def select(self, plan: BlendPlan, deviation: Any) -> torch.Tensor:
         return torch.zeros_like(plan.cached)
 
 

@@ -7,7 +7,7 @@ import torch
 
 from kvmw.blending import (CacheBlend, EPIC, FullReuse, Repositioner, UnsupportedModelError,
                            UnsupportedRotaryError)
-from kvmw.blending.adapter import LlamaLikeAdapter
+from kvmw.blending.adapter import Deviation, LlamaLikeAdapter
 from kvmw.blending.rag import RAGResult
 from kvmw.blending.strategy import BlendPlan
 from kvmw.config import KVMWConfig
@@ -87,13 +87,43 @@ def test_cacheblend_picks_the_most_deviating_cached_tokens():
     cached = torch.tensor([False, True, True, True, True, True, True, True, True, True, True, False])
     deviation = torch.tensor([99.0, 1, 7, 3, 9, 2, 8, 0, 4, 5, 6, 99])
     plan = BlendPlan(cached=cached, spans=[(1, 6), (6, 11)])
-    chosen = CacheBlend(recompute_ratio=0.3).select(plan, deviation)
+    chosen = CacheBlend(recompute_ratio=0.3, gradual=()).select(plan, deviation)
     assert chosen.nonzero().squeeze(1).tolist() == [2, 4, 6]  # 3 of 10 cached, never the uncached ends
     epic = EPIC(recompute_ratio=0.3).select(plan, None)
     assert epic.nonzero().squeeze(1).tolist() == [1, 2, 6, 7]  # ceil(0.3 * 5) = 2 head tokens per document
     assert not FullReuse().select(plan, None).any()
     with pytest.raises(ValueError):
         CacheBlend(recompute_ratio=1.5)
+
+
+def test_cacheblend_sink_tokens_gradual_filtering_and_deviation_kinds():
+    cached = torch.tensor([False] + [True] * 10 + [False])
+    plan = BlendPlan(cached=cached, spans=[(1, 6), (6, 11)])
+    deviation = torch.tensor([99.0, 1, 7, 3, 9, 2, 8, 0, 4, 5, 6, 99])
+    # each document's first token (1 and 6) is forced in, the budget (3) filled by deviation
+    assert CacheBlend(0.3, gradual=(), sink_tokens=1).select(plan, deviation).nonzero().squeeze(1).tolist() == [1, 4, 6]
+    # more sink tokens than the budget holds: none forced, plain top-k
+    assert CacheBlend(0.1, gradual=(), sink_tokens=1).select(plan, deviation).nonzero().squeeze(1).tolist() == [4]
+    # gradual: 2x the budget at the check layer (6 of 10), then narrowed to 3 by the next layer's deviation
+    blend = CacheBlend(0.3, check_layer=1, gradual=(2.0,))
+    assert blend.full_layers == 2 and blend.refine_layers == (2,)
+    first = blend.select(plan, deviation) | ~cached
+    assert first.nonzero().squeeze(1).tolist() == [0, 2, 4, 6, 8, 9, 10, 11]
+    index = first.nonzero().squeeze(1)
+    later = torch.tensor([5.0, 1, 2, 9, 0, 8, 7, 5])  # deviation of the 8 tokens that ran on
+    keep = blend.refine(plan, 2, index, later)
+    assert index[keep].tolist() == [0, 6, 9, 10, 11]  # uncached ends always kept
+    with pytest.raises(ValueError):
+        CacheBlend(0.3, gradual=(0.5,))
+    with pytest.raises(ValueError):
+        CacheBlend(0.3, deviation="queries")
+    # deviation kinds: per-head [H, S] keys and values
+    dev = Deviation(keys=torch.tensor([[2.0, 0, 0], [2.0, 0, 0]]), values=torch.tensor([[1.0, 3, 0], [0.0, 0, 0.5]]))
+    assert CacheBlend(deviation="keys").score(dev).argmax() == 0
+    assert CacheBlend(deviation="values").score(dev).argmax() == 1
+    assert CacheBlend(deviation="kv").score(dev).tolist() == [5.0, 3.0, 0.5]
+    # head_max: a token that stands out in one head (relative to that head's mean) wins
+    assert CacheBlend(deviation="values", head_max=True).score(dev).argmax() == 2
 
 
 def hook_for(model, tok, store=None):
@@ -114,7 +144,9 @@ def exact_doc_kvs(model, ids, spans):
     return full, out
 
 
-@pytest.mark.parametrize("strategy", [CacheBlend(0.3), EPIC(0.3), FullReuse(), CacheBlend(0.0, check_layer=3)])
+@pytest.mark.parametrize("strategy", [CacheBlend(0.3), EPIC(0.3), FullReuse(), CacheBlend(0.0, check_layer=3),
+                                      CacheBlend(0.3, check_layer=1, gradual=()),
+                                      CacheBlend(0.3, gradual=(2.0, 1.5), sink_tokens=2, deviation="values")])
 def test_selective_recompute_over_exact_kv_changes_nothing(smollm2, docs, strategy):
     """Recomputed tokens attend over cached ones with the right causal mask: with exact cached
     KV, the blended KV of every layer equals the full prefill's (a query-vs-cache mask
@@ -134,6 +166,10 @@ def test_selective_recompute_over_exact_kv_changes_nothing(smollm2, docs, strate
             "epic": sum(math.ceil(strategy.recompute_ratio * (e - s)) for s, e in spans),
             "full_reuse": 0}[strategy.name]
     assert result.recomputed_tokens == want + uncached > 0
+    # the (token, layer) work: every token in the full layers, the gradual steps' larger sets, then the rest
+    layers, n, full = len(keys), len(ids), strategy.full_layers
+    steps = [round(m * strategy.recompute_ratio * n_cached) + uncached for m in getattr(strategy, "gradual", ())]
+    assert result.token_layers == n * full + sum(steps) + (layers - full - len(steps)) * result.recomputed_tokens
 
 
 @pytest.mark.parametrize("strategy", ["cacheblend", "epic"])

@@ -1,19 +1,24 @@
 """`kvmw bench rag`: RAG answers from separately cached documents, per blending strategy.
 
-Tasks (fixed seed): `--docs` essay excerpts of `--doc-tokens` tokens, each with
-one fact ("The access code for the <place> office is <number>."); a question
-asks for one document's code, every third question for the codes of two
-documents. Per task the documents are stored once (CPU tier), then every
-strategy answers over them, with the documents in a shuffled order and so at
-other offsets than any earlier prompt: full prefill (the baseline), full reuse,
-CacheBlend and EPIC at each `--ratios`. Reported per strategy and ratio:
+Tasks (fixed seed): `--questions` questions over sets of `--docs` essay excerpts
+of `--doc-tokens` tokens, each holding one fact ("The access code for the
+<place> office is <number>."), the other documents being distractors. Four
+questions share a set; each gets the documents in its own order (the asked
+document rotating through every position, first to last), so the cached
+documents are reused at other offsets; every third question asks for the codes
+of two documents. Per set the documents are stored once (CPU tier), then per
+question every strategy answers: full prefill (the baseline), full reuse,
+CacheBlend at each `--ratios`, and EPIC at the ratio that does the same prefill
+work as each CacheBlend ratio ((token, layer) pairs, fixed at the first task)
+plus any `--epic-ratios`. Reported per strategy and ratio:
 - `ttft_ratio`: time to first token (documents warm in the CPU tier) over full
-  prefill's, summed over tasks;
+  prefill's, summed over tasks; `work`: (token, layer) pairs computed over full
+  prefill's;
 - `accuracy`: share of tasks whose greedy answer holds every asked code;
 - `agreement`: greedy agreement with full prefill over `--steps` steps,
   teacher-forced on full prefill's own continuation; `kl`: KL(full || strategy)
   of the first answer token, mean over tasks;
-- `recomputed`: tokens recomputed per prompt (mean).
+- `recomputed`: tokens recomputed in the last layers per prompt (mean).
 """
 
 from __future__ import annotations
@@ -30,14 +35,29 @@ from kvmw.text_data import RAG_PREAMBLE as PREAMBLE
 from kvmw.text_data import code_question, fact_documents
 
 
-def rag_tasks(tok: Any, n: int, docs: int, doc_tokens: int, seed: int = 0) -> list[dict[str, Any]]:
+def rag_tasks(tok: Any, n: int, docs: int, doc_tokens: int, seed: int = 0,
+              per_set: int = 4) -> list[dict[str, Any]]:
+    """`n` questions (fixed seed) over `ceil(n / per_set)` sets of `docs` documents, each
+    document holding one fact. Every question gets its set's documents in its own order
+    (the asked document at a rotating position: first, right after the preamble, to
+    last), so the same cached documents are reused at other offsets; every third
+    question asks for the codes of two documents."""
     rng = random.Random(seed)
-    tasks = []
-    for i in range(n):
-        documents, places, codes = fact_documents(tok, docs, doc_tokens, rng, start=i * docs * 2)
-        asked = rng.sample(range(docs), 2 if i % 3 == 2 else 1)
-        tasks.append({"documents": documents, "question": code_question(tok, [places[a] for a in asked]),
-                      "answers": [codes[a] for a in asked]})
+    tasks: list[dict[str, Any]] = []
+    for s in range((n + per_set - 1) // per_set):
+        documents, places, codes = fact_documents(tok, docs, doc_tokens, rng, start=s * docs * 2)
+        for _ in range(min(per_set, n - len(tasks))):
+            i = len(tasks)
+            asked = rng.sample(range(docs), 2 if i % 3 == 2 else 1)
+            order = list(range(docs))
+            rng.shuffle(order)
+            if len(asked) == 1:  # the answer document at position i mod docs
+                j = order.index(asked[0])
+                order[j], order[i % docs] = order[i % docs], order[j]
+            tasks.append({"set": s, "documents": [documents[j] for j in order],
+                          "question": code_question(tok, [places[a] for a in asked]),
+                          "answers": [codes[a] for a in asked],
+                          "positions": sorted(order.index(a) for a in asked)})
     return tasks
 
 
@@ -61,52 +81,71 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model, tok = load(args.model)
     tasks = rag_tasks(tok, args.questions, args.docs, args.doc_tokens, args.seed)
     hook = KVMW(model, tok, KVMWConfig.load(env={}, codec=args.codec), store=TieredStore([CPUTier(8 << 30)]))
-    configs = [("full_prefill", 1.0), ("full_reuse", 0.0)]
-    configs += [(s, r) for s in ("cacheblend", "epic") for r in args.ratios]
+    layers = len(model.model.layers)
+    configs: list[tuple[str, float]] = [("full_prefill", 1.0), ("full_reuse", 0.0)]
+    configs += [("cacheblend", r) for r in args.ratios] + [("epic", r) for r in args.epic_ratios]
+    matched: dict[float, float] = {}  # cacheblend ratio -> EPIC ratio of the same prefill work
     gen = dict(max_new_tokens=args.steps, do_sample=False)
-    rng = random.Random(args.seed + 1)
-    sums: dict[tuple[str, float], dict[str, float]] = {c: {"ttft": 0.0, "correct": 0, "agree": 0.0, "kl": 0.0,
-                                                          "recomputed": 0.0} for c in configs}
+    sums: dict[tuple[str, float], dict[str, float]] = {}
+    stored_set = None
     for i, task in enumerate(tasks):
-        hook.generate_rag(task["documents"], task["question"], strategy="full_reuse", preamble=PREAMBLE,
-                          max_new_tokens=1)  # store the documents (CPU tier)
-        order = list(range(args.docs))
-        rng.shuffle(order)
-        docs = [task["documents"][j] for j in order]
+        docs = task["documents"]  # this question's order of its set's documents
+        if task["set"] != stored_set:  # store the set's documents once (CPU tier)
+            hook.generate_rag(docs, task["question"], strategy="full_reuse", preamble=PREAMBLE, max_new_tokens=1)
+            stored_set = task["set"]
         ref_cont, ref_logp = None, None
-        for strategy, ratio in configs:
+        todo = list(configs)
+        while todo:
+            strategy, ratio = todo.pop(0)
             res = hook.generate_rag(docs, task["question"], strategy=strategy, recompute_ratio=ratio,
                                     preamble=PREAMBLE, keep_cache=True, **gen)
+            if strategy == "cacheblend" and ratio in args.ratios and not args.no_match:
+                if ratio not in matched:  # EPIC's head share for the same (token, layer) work, fixed at task 1
+                    cached = sum(len(d) for d in docs)
+                    matched[ratio] = round((res.token_layers / layers - (res.prompt_tokens - cached)) / cached, 3)
+                    if ("epic", matched[ratio]) not in configs:
+                        configs.append(("epic", matched[ratio]))
+                todo.insert(0, ("epic", matched[ratio]))  # EPIC right beside it
+                todo = [c for j, c in enumerate(todo) if c not in todo[:j]]
             cont = res.sequences[0, res.prompt_tokens:]
             logp = _teacher_forced(model, res, cont if ref_cont is None else ref_cont)
             if ref_cont is None:
                 ref_cont, ref_logp = cont, logp
-            s = sums[(strategy, ratio)]
+            s = sums.setdefault((strategy, ratio), {"ttft": 0.0, "correct": 0, "agree": 0.0, "kl": 0.0,
+                                                    "recomputed": 0.0, "work": 0.0, "n": 0})
             s["ttft"] += res.timings["ttft"]
             s["correct"] += all(a in res.text for a in task["answers"])
             steps = min(len(ref_cont), len(logp))
             s["agree"] += (logp[:steps].argmax(-1) == ref_cont[:steps]).float().mean().item()
             s["kl"] += F.kl_div(logp[0], ref_logp[0], log_target=True, reduction="sum").item()
             s["recomputed"] += res.recomputed_tokens
+            s["work"] += res.token_layers / (res.prompt_tokens * layers)
+            s["n"] += 1
         base = sums[configs[0]]
-        print(f"[bench] task {i + 1}/{len(tasks)}: {res.prompt_tokens} tokens, answers {task['answers']}; "
-              f"full prefill right so far {base['correct']}/{i + 1}", flush=True)
+        print(f"[bench] task {i + 1}/{len(tasks)}: {res.prompt_tokens} tokens, answers {task['answers']} "
+              f"(document {task['positions']}); full prefill right so far {base['correct']}/{i + 1}", flush=True)
     n = len(tasks)
     out: dict[str, Any] = {"rag": {}, "model": args.model, "docs": args.docs, "doc_tokens": args.doc_tokens,
                            "questions": n, "codec": args.codec, "machine": machine()}
     rows = []
     full_acc = base["correct"] / n
-    for (strategy, ratio), s in sums.items():
+    twin = {e: c for c, e in matched.items()}
+    for strategy, ratio in configs:
+        s = sums[(strategy, ratio)]
         cell = {"ttft_ratio": s["ttft"] / base["ttft"], "ttft_s": s["ttft"] / n, "accuracy": s["correct"] / n,
-                "agreement": s["agree"] / n, "kl": s["kl"] / n, "recomputed": s["recomputed"] / n}
+                "agreement": s["agree"] / n, "kl": s["kl"] / n, "recomputed": s["recomputed"] / n,
+                "work": s["work"] / n}
+        if strategy == "epic" and ratio in twin:
+            cell["matches"] = f"cacheblend {twin[ratio]:g}"
         out["rag"].setdefault(strategy, {})[f"{ratio:g}"] = cell
-        rows.append([strategy, ratio, cell["ttft_s"], cell["ttft_ratio"], cell["accuracy"],
+        rows.append([strategy + (f" (= cacheblend {twin[ratio]:g})" if "matches" in cell else ""), ratio,
+                     cell["ttft_s"], cell["ttft_ratio"], cell["work"], cell["accuracy"],
                      cell["accuracy"] / full_acc if full_acc else float("nan"), cell["agreement"], cell["kl"],
                      cell["recomputed"]])
     print()
     print(f"{args.model}: {n} questions over {args.docs} documents of {args.doc_tokens} tokens "
           f"(shuffled, warm in the CPU tier, codec {args.codec})")
-    print_table(["strategy", "ratio", "TTFT s", "x full prefill", "accuracy", "x full acc",
+    print_table(["strategy", "ratio", "TTFT s", "x full prefill", "work", "accuracy", "x full acc",
                  f"agreement ({args.steps})", "KL first token", "recomputed tokens"], rows)
     write_json(args.json, out)
     return out
@@ -116,8 +155,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", choices=["smollm2", "qwen0.5b"])
     p.add_argument("--docs", type=int, default=4)
     p.add_argument("--doc-tokens", type=int, default=512)
-    p.add_argument("--questions", type=int, default=6)
-    p.add_argument("--ratios", nargs="+", type=float, default=[0.0, 0.05, 0.15, 0.3, 1.0])
+    p.add_argument("--questions", type=int, default=24)
+    p.add_argument("--ratios", nargs="+", type=float, default=[0.15], help="CacheBlend recompute ratios")
+    p.add_argument("--epic-ratios", nargs="*", type=float, default=[],
+                   help="EPIC ratios besides those matching each CacheBlend ratio's prefill work")
+    p.add_argument("--no-match", action="store_true", help="no EPIC run at CacheBlend's work")
     p.add_argument("--steps", type=int, default=16, help="greedy answer tokens (agreement steps)")
     p.add_argument("--codec", default="none")
     p.add_argument("--seed", type=int, default=0)
