@@ -25,6 +25,10 @@ from kvmw.layout import to_hf_layers
 
 log = logging.getLogger("kvmw.blending")
 
+#: what a document's KV is computed after: the prompt's preamble (the sink and instructions
+#: every prompt shares), or nothing (the document alone at positions 0..n-1)
+DOCUMENT_CONTEXTS = ("preamble", "none")
+
 
 @dataclass
 class RAGResult:
@@ -100,19 +104,23 @@ class RAGBlender:
         return torch.cat(parts), spans, pre
 
     # ---- documents ------------------------------------------------------------------
-    def document_kv(self, ids: torch.Tensor, result: RAGResult, stored: bool = True) -> torch.Tensor:
-        """The document's canonical KV at positions 0..n-1, from the store (when the lookup
-        found it there: `stored`) or prefilled and stored."""
+    def document_kv(self, ids: torch.Tensor, result: RAGResult, stored: bool = True,
+                    context: torch.Tensor | None = None) -> torch.Tensor:
+        """The document's canonical KV, computed after `context` (the shared preamble; None:
+        alone) at positions len(context).., from the store (when the lookup found it there:
+        `stored`) or prefilled and stored."""
         from kvmw.integrations.hf.capture import capture_kv
 
-        hook, key = self.hook, self.hook.keyspace.chunk_key(ids)
+        hook, key = self.hook, self.hook.keyspace.chunk_key(ids, context)
+        first = 0 if context is None else len(context)
+        positions = torch.arange(first, first + len(ids))
         param = next(self.model.parameters())
         t0 = time.perf_counter()
         if stored:
             chunk = hook._load_chunk(key)  # a blob that does not decode is deleted there
             if chunk is not None:
                 kv, meta, tier, _ = chunk
-                if kv.shape[2] == len(ids) and (meta.positions == range(len(ids))).all():
+                if kv.shape[2] == len(ids) and (torch.as_tensor(meta.positions) == positions).all():
                     result.documents_loaded[tier] = result.documents_loaded.get(tier, 0) + 1
                     result.timings["load"] += time.perf_counter() - t0
                     return kv.to(param.dtype)
@@ -120,8 +128,9 @@ class RAGBlender:
                 hook.store.delete(key)
         result.timings["load"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        kv = capture_kv(self.model, ids)
-        blob = hook.codec.encode(kv, hook.fingerprint.digest, extra={"kind": "document"})
+        kv = capture_kv(self.model, ids if context is None else torch.cat([context, ids]))[:, :, first:]
+        blob = hook.codec.encode(kv.contiguous(), hook.fingerprint.digest, positions=positions,
+                                 extra={"kind": "document"})
         hook.store.put(key, blob, cost=float(len(ids)))
         result.documents_prefilled += 1
         result.timings["prefill"] += time.perf_counter() - t0
@@ -130,8 +139,10 @@ class RAGBlender:
     # ---- the blend ------------------------------------------------------------------
     @torch.inference_mode()
     def blend(self, ids: torch.Tensor, spans: list[tuple[int, int]], doc_kvs: list[torch.Tensor],
-              strategy: Any, result: RAGResult) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per-layer KV [1, H, N, D] of the whole prompt after selective recomputation."""
+              strategy: Any, result: RAGResult, first_position: int = 0
+              ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-layer KV [1, H, N, D] of the whole prompt after selective recomputation;
+        each document's cached KV starts at `first_position`."""
         n, device = len(ids), self.model.device
         dtype = next(self.model.parameters()).dtype
         first = doc_kvs[0] if doc_kvs else None
@@ -143,7 +154,7 @@ class RAGBlender:
         t0 = time.perf_counter()
         for (start, end), kv in zip(spans, doc_kvs):
             for i, (k, v) in enumerate(to_hf_layers(kv)):
-                keys[i][:, :, start:end] = self.repositioner.rotate(k, start)
+                keys[i][:, :, start:end] = self.repositioner.rotate(k, start - first_position)
                 values[i][:, :, start:end] = v
             cached[start:end] = True
         result.timings["load"] += time.perf_counter() - t0
@@ -186,13 +197,16 @@ def _kv_geometry(model: Any) -> tuple[int, int]:
 
 def generate_rag(hook: Any, documents: Sequence[Any], question: Any, strategy: Any = "cacheblend",
                  recompute_ratio: float = 0.15, preamble: Any = None, keep_cache: bool = False,
-                 **generate_kwargs: Any) -> RAGResult:
+                 document_context: str = "preamble", **generate_kwargs: Any) -> RAGResult:
     """See `KVMW.generate_rag`. `strategy` is a name (with `recompute_ratio`) or a `BlendStrategy`."""
+    if document_context not in DOCUMENT_CONTEXTS:
+        raise ValueError(f"document_context must be one of {DOCUMENT_CONTEXTS}; got {document_context!r}")
     from transformers import DynamicCache
 
     t_start = time.perf_counter()
     blender = hook._blender()
-    ids, spans, _ = blender.segments(documents, question, preamble)
+    ids, spans, pre = blender.segments(documents, question, preamble)
+    context = pre if document_context == "preamble" else None
     plan = None
     if not isinstance(strategy, str):
         plan, strategy, recompute_ratio = strategy, strategy.name, strategy.recompute_ratio
@@ -212,10 +226,10 @@ def generate_rag(hook: Any, documents: Sequence[Any], question: Any, strategy: A
         plan = plan or make_strategy(strategy, recompute_ratio)
         doc_ids = [ids[s:e] for s, e in spans]
         t0 = time.perf_counter()
-        stored = hook.store.contains([hook.keyspace.chunk_key(d) for d in doc_ids])  # one batched lookup
+        stored = hook.store.contains([hook.keyspace.chunk_key(d, context) for d in doc_ids])  # one batched lookup
         result.timings["lookup"] = time.perf_counter() - t0
-        kvs = [blender.document_kv(d, result, present) for d, present in zip(doc_ids, stored)]
-        keys, values = blender.blend(ids, spans, kvs, plan, result)
+        kvs = [blender.document_kv(d, result, present, context) for d, present in zip(doc_ids, stored)]
+        keys, values = blender.blend(ids, spans, kvs, plan, result, 0 if context is None else len(context))
         cache = DynamicCache(config=hook.model.config)
         for i, (k, v) in enumerate(zip(keys, values)):
             cache.update(k[:, :, :-1], v[:, :, :-1], i)  # generate computes the last prompt token

@@ -69,10 +69,15 @@ class KeySpace:
             keys.append(prev.hex())
         return keys
 
-    def chunk_key(self, tokens: Tokens) -> str:
-        """Position-independent key of a token span (a RAG document or chunk of one)."""
+    def chunk_key(self, tokens: Tokens, context: Tokens | None = None) -> str:
+        """Position-independent key of a token span (a RAG document or chunk of one).
+        `context`: the tokens the span's KV was computed after (none: alone)."""
         h = xxhash.xxh3_128()
         h.update(_DOMAIN_CHUNK)
         h.update(self.namespace)
+        if context is not None and len(context):
+            ctx = token_bytes(context)
+            h.update(b"context:%d:" % len(ctx))
+            h.update(ctx)
         h.update(token_bytes(tokens))
         return h.hexdigest()

@@ -200,16 +200,44 @@ def test_documents_are_reused_in_any_order_and_offset_across_processes_tiers(smo
     store.close()
     # a new store over the same folder (a restarted process): the documents come from disk,
     # reordered and behind a preamble, so at other offsets than they were computed at
+    # (document_context="none": documents computed alone are shared across preambles)
     hook = hook_for(model, tok, TieredStore([CPUTier(1 << 30), DiskTier(tmp_path, 1 << 30)]))
     reordered = [docs[2], docs[0], docs[1]]
-    warm = hook.generate_rag(reordered, QUESTION, strategy="cacheblend", recompute_ratio=1.0,
-                             preamble="Read these:\n", **GEN)
+    alone = {"preamble": "Read these:\n", "document_context": "none"}
+    warm = hook.generate_rag(reordered, QUESTION, strategy="cacheblend", recompute_ratio=1.0, **alone, **GEN)
     assert warm.documents_prefilled == 0 and warm.documents_loaded == {"disk": 3}
     ref = hook.generate_rag(reordered, QUESTION, strategy="full_prefill", preamble="Read these:\n", **GEN)
     assert torch.equal(warm.sequences, ref.sequences)
-    reuse = hook.generate_rag(reordered, QUESTION, strategy="full_reuse", preamble="Read these:\n", **GEN)
+    reuse = hook.generate_rag(reordered, QUESTION, strategy="full_reuse", **alone, **GEN)
     assert reuse.documents_loaded == {"cpu": 3} and reuse.timings["ttft"] > 0
     assert reuse.text is not None and set(reuse.timings) >= {"lookup", "load", "recompute", "ttft"}
+
+
+def test_documents_computed_after_the_preamble_are_keyed_by_it(smollm2, docs):
+    """The default: a document's KV is computed after the prompt's preamble, so the first
+    document's reused KV is exactly the full prompt's, and another preamble is a miss."""
+    model, tok = smollm2
+    hook = hook_for(model, tok)
+    pre = "Read the documents, then answer.\n"
+    hook.generate_rag(docs, QUESTION, strategy="full_reuse", preamble=pre, **GEN)  # stores them
+    blender = hook._blender()
+    ids, spans, pre_ids = blender.segments(docs, QUESTION, pre)
+    result = RAGResult(sequences=ids[None], prompt_tokens=len(ids), timings={"load": 0.0, "prefill": 0.0})
+    kvs = [blender.document_kv(ids[s:e], result, context=pre_ids) for s, e in spans]
+    assert result.documents_loaded == {"cpu": 3} and result.documents_prefilled == 0
+    keys, values = blender.blend(ids, spans, kvs, CacheBlend(0.0), result, first_position=len(pre_ids))
+    (s0, e0), (s1, e1) = spans[0], spans[1]
+    for i, (k, v) in enumerate(to_hf_layers(capture_kv(model, ids))):
+        torch.testing.assert_close(keys[i][:, :, s0:e0], k[:, :, s0:e0], atol=2e-3, rtol=1e-3)
+        torch.testing.assert_close(values[i][:, :, s0:e0], v[:, :, s0:e0], atol=2e-3, rtol=1e-3)
+        if i == len(keys) - 1:  # later documents did not see the first: their deep KV differs
+            assert not torch.allclose(values[i][:, :, s1:e1], v[:, :, s1:e1], atol=2e-3, rtol=1e-3)
+    other = hook.generate_rag(docs, QUESTION, strategy="full_reuse", preamble="Another preamble:\n", **GEN)
+    assert other.documents_prefilled == 3 and other.documents_loaded == {}
+    again = hook.generate_rag(docs[::-1], QUESTION, strategy="full_reuse", preamble=pre, **GEN)
+    assert again.documents_prefilled == 0 and again.documents_loaded == {"cpu": 3}
+    with pytest.raises(ValueError, match="document_context"):
+        hook.generate_rag(docs, QUESTION, preamble=pre, document_context="before", **GEN)
 
 
 def test_a_corrupt_stored_document_is_prefilled_again(smollm2, docs):

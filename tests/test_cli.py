@@ -37,6 +37,19 @@ def test_bench_tiers_writes_the_issue_keys(tmp_path, redis_url):
     assert "ratio" in res.stdout or "x" in res.stdout
 
 
+def test_bench_server_writes_the_issue_keys_beside_redis(tmp_path, redis_url):
+    out = tmp_path / "server.json"
+    res = _kvmw("bench", "server", "--memory-only", "--clients", "1", "--ops", "3", "--rounds", "1",
+                "--json", str(out), "--redis-url", redis_url)
+    assert res.returncode == 0, res.stderr
+    data = json.loads(out.read_text())
+    for size in ("3MiB", "32MiB"):
+        assert data["server"][size]["1"]["gbps"] > 0 and data["redis"][size]["1"]["gbps"] > 0
+        assert data["server"][size]["1"]["x_redis_paired"] > 0
+    assert data["raw_tcp_gbps"] > 0 and data["reply_ceiling_3MiB_gbps"] > 0
+    assert "1-client ceiling" in res.stdout
+
+
 def test_demo_runs_cold_warm_and_restarted_phases_with_identical_answers():
     res = _kvmw("demo", "--tokens", "300", "--chunk-size", "64", "--max-new-tokens", "4")
     assert res.returncode == 0, res.stdout + res.stderr

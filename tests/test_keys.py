@@ -52,6 +52,15 @@ def test_token_containers_hash_the_same():
     assert ks.chunk_key(torch.tensor(toks)) == ks.chunk_key(toks)
 
 
+def test_a_chunk_computed_after_a_context_has_its_own_key():
+    ks = KeySpace(FP, chunk_size=4)
+    doc = [5, 6, 7, 8]
+    assert ks.chunk_key(doc, []) == ks.chunk_key(doc) == ks.chunk_key(doc, None)
+    keys = {ks.chunk_key(doc), ks.chunk_key(doc, [1, 2]), ks.chunk_key(doc, [1, 3]), ks.chunk_key([2] + doc, [1])}
+    assert len(keys) == 4  # the context, and where it ends, are part of the key
+    assert ks.chunk_key(doc, torch.tensor([1, 2])) == ks.chunk_key(doc, [1, 2])
+
+
 def test_namespaces_separate_tenants_models_and_chunk_sizes():
     toks = list(range(16))
     base = KeySpace(FP, 4, "a")

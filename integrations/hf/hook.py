@@ -104,7 +104,7 @@ class KVMW:
     # ---- RAG: position-independent documents (kvmw.blending) ----------------------------
     def generate_rag(self, documents: Any, question: Any, strategy: str = "cacheblend",
                      recompute_ratio: float = 0.15, preamble: Any = None, keep_cache: bool = False,
-                     **generate_kwargs: Any) -> Any:
+                     document_context: str = "preamble", **generate_kwargs: Any) -> Any:
         """Answer `question` over `documents` (strings or token lists), reusing each
         document's stored KV at whatever offset and order it has in this prompt.
 
@@ -112,14 +112,17 @@ class KVMW:
         recomputation), "cacheblend" (recompute the `recompute_ratio` share of
         document tokens whose KV deviates most at the check layer) and "epic"
         (recompute each document's first tokens). Unseen documents are prefilled
-        alone and stored. Returns a `kvmw.blending.RAGResult` (ids, text, the
+        and stored: after the `preamble` (`document_context="preamble"`, the
+        default: every prompt starting with that preamble shares the document's
+        KV, whose attention then matches the full prompt's for the sink and
+        instructions) or alone (`"none"`: shared across preambles). Returns a `kvmw.blending.RAGResult` (ids, text, the
         number of recomputed tokens, documents per tier, timings; the generation's
         cache with `keep_cache=True`).
         """
         from kvmw.blending.rag import generate_rag
 
         return generate_rag(self, documents, question, strategy, recompute_ratio, preamble, keep_cache,
-                            **generate_kwargs)
+                            document_context, **generate_kwargs)
 
     def _blender(self) -> Any:
         if getattr(self, "_rag", None) is None:

@@ -93,14 +93,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for i, task in enumerate(tasks):
         docs = task["documents"]  # this question's order of its set's documents
         if task["set"] != stored_set:  # store the set's documents once (CPU tier)
-            hook.generate_rag(docs, task["question"], strategy="full_reuse", preamble=PREAMBLE, max_new_tokens=1)
+            hook.generate_rag(docs, task["question"], strategy="full_reuse", preamble=PREAMBLE, max_new_tokens=1,
+                              document_context=args.document_context)
             stored_set = task["set"]
         ref_cont, ref_logp = None, None
         todo = list(configs)
         while todo:
             strategy, ratio = todo.pop(0)
             res = hook.generate_rag(docs, task["question"], strategy=strategy, recompute_ratio=ratio,
-                                    preamble=PREAMBLE, keep_cache=True, **gen)
+                                    preamble=PREAMBLE, keep_cache=True,
+                                    document_context=args.document_context, **gen)
             if strategy == "cacheblend" and ratio in args.ratios and not args.no_match:
                 if ratio not in matched:  # EPIC's head share for the same (token, layer) work, fixed at task 1
                     cached = sum(len(d) for d in docs)
@@ -125,8 +127,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             s["work"] += res.token_layers / (res.prompt_tokens * layers)
             s["n"] += 1
         base = sums[configs[0]]
+        right = ", ".join(f"{name} {ratio:g} {s['correct']}" for (name, ratio), s in sums.items())
         print(f"[bench] task {i + 1}/{len(tasks)}: {res.prompt_tokens} tokens, answers {task['answers']} "
-              f"(document {task['positions']}); full prefill right so far {base['correct']}/{i + 1}", flush=True)
+              f"(document {task['positions']}); right so far of {i + 1}: {right}", flush=True)
     n = len(tasks)
     out: dict[str, Any] = {"rag": {}, "model": args.model, "docs": args.docs, "doc_tokens": args.doc_tokens,
                            "questions": n, "codec": args.codec, "machine": machine()}
@@ -168,5 +171,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-match", action="store_true", help="no EPIC run at CacheBlend's work")
     p.add_argument("--steps", type=int, default=16, help="greedy answer tokens (agreement steps)")
     p.add_argument("--codec", default="none")
+    p.add_argument("--document-context", choices=("preamble", "none"), default="preamble",
+                   help="documents are prefilled after the preamble (default) or alone")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="")
