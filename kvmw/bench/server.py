@@ -13,7 +13,7 @@ and GET interleaved per client: `mixed_gbps`, both directions counted). `gbps` i
 throughput (what engines wait on). The raw limit is one TCP loopback stream
 (sendall / recv_into a preallocated buffer) measured by the bench itself; the
 1-client ceiling is the same client against a thread that answers every request
-with a fixed 3 MiB reply (what a request/response chain allows, whatever the server).
+with a fixed 3 MiB reply from its own process (what a request/response chain allows, whatever the server).
 """
 
 from __future__ import annotations
@@ -63,34 +63,39 @@ def raw_tcp_gbps(nbytes: int = 32 << 20, rounds: int = 8) -> float:
     return nbytes * rounds / elapsed / 1e9
 
 
+# the do-nothing server of `reply_ceiling_gbps`, in its own process (no GIL shared with the client)
+_CEILING_SERVER = """
+import os, socket, sys
+size = int(sys.argv[1])
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(1)
+print(srv.getsockname()[1], flush=True)
+conn, _ = srv.accept()
+conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+reply = [b"$%d\\r\\n" % size, os.urandom(size), b"\\r\\n"]
+while conn.recv(1 << 16):  # one small GET frame per recv: the client waits for each reply
+    conn.sendmsg(reply)
+"""
+
+
 def reply_ceiling_gbps(size: int, ops: int) -> float:
-    """GET throughput of one client against the least a server can do: a thread that answers
+    """GET throughput of one client against the least a server can do: a process that answers
     every request with a fixed `size`-byte bulk reply in one sendmsg (no parsing, no store).
     What one client's request/response chain allows here, whatever the server."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
-    value = os.urandom(size)
-
-    def serve() -> None:
-        conn, _ = srv.accept()
-        with conn:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            while conn.recv(1 << 16):  # one small GET frame per recv (the client waits for its reply)
-                conn.sendmsg([b"$%d\r\n" % size, value, b"\r\n"])
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    client = LeanRESPClient(srv.getsockname()[1], size)
-    for _ in range(3):
-        client.get(b"k")
-    t0 = time.perf_counter()
-    for _ in range(ops):
-        client.get(b"k")
-    elapsed = time.perf_counter() - t0
-    client.close()
-    t.join()
-    srv.close()
+    proc = subprocess.Popen([sys.executable, "-c", _CEILING_SERVER, str(size)], stdout=subprocess.PIPE)
+    try:
+        client = LeanRESPClient(int(proc.stdout.readline()), size)
+        for _ in range(3):
+            client.get(b"k")
+        t0 = time.perf_counter()
+        for _ in range(ops):
+            client.get(b"k")
+        elapsed = time.perf_counter() - t0
+        client.close()
+    finally:
+        proc.kill()
+        proc.wait()
     return size * ops / elapsed / 1e9
 
 
@@ -260,7 +265,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if one:
         print(f"raw TCP loopback (1 stream): {raw:.2f} GB/s; kvmw 3 MiB GET with 1 client = "
               f"{one['gbps'] / raw:.2f}x of it")
-        print(f"1-client ceiling (a do-nothing thread replying 3 MiB per request): {ceiling:.2f} GB/s; "
+        print(f"1-client ceiling (a do-nothing process replying 3 MiB per request): {ceiling:.2f} GB/s; "
               f"kvmw {one['gbps'] / ceiling:.2f}x, Redis {out['redis']['3MiB']['1']['gbps'] / ceiling:.2f}x of it")
     write_json(args.json, out)
     return out
