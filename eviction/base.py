@@ -3,7 +3,10 @@ scores -> kept indices step with protected sinks and a protected recent window.
 
 A policy scores every cached token of one layer per KV head (`[kv_heads, tokens]`,
 higher = keep); `Policy.keep` turns the scores into the sorted indices to keep,
-the same count for every head so the layer stays one dense tensor. Tokens are
+the same count for every head so the layer stays one dense tensor.
+`Policy.keep_layers` does it for every layer at once: by default each layer keeps the
+same count, while a policy whose scores compare across layers (KVzip) can share one
+budget over all of them (`layer_counts`: layers whose scores are high keep more). Tokens are
 identified by their index in the layer's cache; their RoPE positions travel
 alongside (`ScoreInputs.positions`), since after a first eviction index and
 position differ.
@@ -140,6 +143,40 @@ class Policy(ABC):
         n_keep = budget if isinstance(budget, int) else budget.count(n)
         return select(self.score(inputs), n_keep, self.sinks, self.protected_recent(n_keep))
 
+    def keep_layers(self, layers: list[ScoreInputs], budget: Budget | int) -> list[torch.Tensor]:
+        """`keep` for every layer of a cache: each layer keeps `budget` of its own tokens."""
+        return [self.keep(inputs, budget) for inputs in layers]
+
+
+def protect(scores: torch.Tensor, sinks: int = 0, recent: int = 0) -> torch.Tensor:
+    """fp32 copy of `scores` [..., T] with the first `sinks` and the last `recent` columns at +inf."""
+    T = scores.shape[-1]
+    s = scores.float().clone()
+    s[..., :min(sinks, T)] = math.inf
+    if recent:
+        s[..., T - min(recent, T):] = math.inf
+    return s
+
+
+def layer_counts(scores: list[torch.Tensor], n_keep: list[int], sinks: int = 0, recent: int = 0) -> torch.Tensor:
+    """How many tokens each layer keeps [L] when the layers share one budget of
+    `sum(n_keep)` tokens per KV head (`n_keep[l]`: layer l's share of a uniform split).
+
+    Each layer's KV heads keep the same count, so a layer stays one dense tensor: the
+    j-th slot of layer l (each of its heads keeps one more token) is worth the largest
+    j-th best score among its heads, and the best slots over all layers win, i.e. one
+    threshold over every layer's scores (KVzip, Kim et al. 2025, thresholds all heads'
+    scores at once; with equal counts per head, a layer gets its count from its best
+    head). Protected tokens (sinks, recent) are +inf, so every layer keeps them.
+    scores: per layer [H, T_l] (T_l may differ)."""
+    L, T = len(scores), max(s.shape[-1] for s in scores)
+    slots = torch.full((L, T), -math.inf, device=scores[0].device)
+    for i, s in enumerate(scores):
+        ranked = protect(s, sinks, recent).sort(-1, descending=True).values  # [H, T_l]
+        slots[i, :ranked.shape[-1]] = ranked.amax(0)
+    best = slots.reshape(-1).topk(sum(n_keep), sorted=False).indices
+    return torch.bincount(best // T, minlength=L)
+
 
 def select(scores: torch.Tensor, n_keep: int, sinks: int = 0, recent: int = 0) -> torch.Tensor:
     """Top-`n_keep` indices per row of `scores` [H, T], sorted, with the first `sinks` and
@@ -149,8 +186,4 @@ def select(scores: torch.Tensor, n_keep: int, sinks: int = 0, recent: int = 0) -
     n_keep = min(T, max(n_keep, min(T, sinks + recent)))
     if n_keep >= T:
         return torch.arange(T, device=scores.device).expand(H, T).contiguous()
-    s = scores.float().clone()
-    s[:, :sinks] = math.inf
-    if recent:
-        s[:, T - recent:] = math.inf
-    return s.topk(n_keep, dim=-1, sorted=False).indices.sort(dim=-1).values
+    return protect(scores, sinks, recent).topk(n_keep, dim=-1, sorted=False).indices.sort(dim=-1).values

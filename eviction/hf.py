@@ -9,6 +9,14 @@ prompt), while `get_mask_sizes()` gives the stored length and an offset of
 seen - stored, so the causal mask is built in stored coordinates (every stored
 token is in the past; new tokens are causal among themselves).
 
+Layers of different lengths. A policy that shares its budget across layers (KVzip's
+global scope) leaves each layer with its own stored length, but transformers builds
+one mask for all layers. `EvictionCache.get_mask_sizes` sizes it for the longest
+layer, and `ragged_layers(model)` switches the model to a wrapper of its attention
+(sdpa or eager) that cuts the mask to each layer's keys: its last S_l + q columns,
+i.e. the layer's stored tokens (all in the past, visible) and the q new ones (causal).
+A no-op where the mask already fits; `prefill_compressed` calls it when needed.
+
 Scoring. `eviction_hooks(model)` puts a forward hook on each attention module. It
 acts only when the call's cache is an `EvictionCache`: it recomputes the queries
 of the rows the policy reads from the layer input (q_proj + the model's own
@@ -36,7 +44,13 @@ import torch
 from kvmw.eviction.attention import accumulate_attention
 from kvmw.eviction.base import Budget, Policy, ScoreInputs
 from kvmw.eviction.kvzip import reconstruction_scores
+from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+#: prefix of the attention implementations `ragged_layers` registers ("kvmw_ragged_sdpa", ...)
+RAGGED = "kvmw_ragged_"
 
 
 class EvictionLayer(DynamicLayer):
@@ -126,8 +140,9 @@ class EvictionCache(Cache):
     """KV cache of one sequence that a `Policy` can shrink.
 
     - `compress(budget)` after a prefill run under `eviction_hooks(model)`: keep
-      `budget` tokens per layer and KV head (compress-after-prefill; the question
-      that follows is not seen).
+      `budget` tokens per layer and KV head, or the budget of all layers together
+      where the policy shares it (`Policy.keep_layers`; compress-after-prefill: the
+      question that follows is not seen).
     - `max_tokens`: a bound kept during generation (StreamingLLM, H2O, ...): the
       hooks evict down to it after each forward that overflows it.
     """
@@ -147,12 +162,23 @@ class EvictionCache(Cache):
         policy = policy or self.policy
         if policy is None:
             raise ValueError("compress needs a policy")
-        for layer in self.layers:
-            if layer.stored:
-                layer.keep(policy.keep(layer.inputs(), budget))
+        layers = [layer for layer in self.layers if layer.stored]
+        for layer, indices in zip(layers, policy.keep_layers([layer.inputs() for layer in layers], budget)):
+            layer.keep(indices)
 
     def stored_tokens(self) -> int:
-        return self.layers[0].stored
+        """Tokens stored per KV head, averaged over the layers (they differ when a policy
+        shares its budget across layers; the sum over layers is exact)."""
+        return sum(layer.stored for layer in self.layers) // len(self.layers)
+
+    def layer_lengths(self) -> list[int]:
+        """Tokens each layer stores per KV head."""
+        return [layer.stored for layer in self.layers]
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        """The mask transformers builds once for every layer is sized for the longest
+        layer (`ragged_layers` cuts it to each layer's length)."""
+        return max(self.layers, key=lambda layer: layer.stored).get_mask_sizes(query_length)
 
     def nbytes(self) -> int:
         """Bytes of K and V held (positions and scores not counted: int64/fp32 per token per head)."""
@@ -239,6 +265,40 @@ def _score_reconstruction(module: torch.nn.Module, cache: EvictionCache, args: t
     layer.reconstruction = torch.maximum(layer.reconstruction, scores)
 
 
+def fit_mask(mask: torch.Tensor | None, kv_length: int) -> torch.Tensor | None:
+    """A mask [..., q, K] built for the longest layer, cut to a layer of `kv_length` keys:
+    its last `kv_length` columns (stored tokens, all visible, then the new tokens)."""
+    if mask is None or mask.shape[-1] == kv_length:
+        return mask
+    return mask[..., -kv_length:]
+
+
+def _ragged_attention(impl: str):
+    def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, **kwargs: Any):
+        if impl == "eager":  # each modeling module defines its own
+            forward = sys.modules[type(module).__module__].eager_attention_forward
+        else:
+            forward = ALL_ATTENTION_FUNCTIONS[impl]
+        return forward(module, query, key, value, fit_mask(attention_mask, key.shape[-2]), **kwargs)
+    return attention
+
+
+def ragged_layers(model: torch.nn.Module) -> None:
+    """Let `model` attend over an `EvictionCache` whose layers store different numbers of
+    tokens: its attention implementation (sdpa or eager) becomes a registered wrapper
+    (`RAGGED` + name) that cuts the shared mask to each layer's keys. Idempotent; the
+    same results as before for any cache whose layers agree (the mask then fits)."""
+    impl = model.config._attn_implementation
+    if impl.startswith(RAGGED):
+        return
+    if impl not in ("sdpa", "eager"):
+        raise NotImplementedError(f"layers of different lengths need sdpa or eager attention, not {impl}")
+    AttentionInterface.register(RAGGED + impl, _ragged_attention(impl))
+    AttentionMaskInterface.register(RAGGED + impl, ALL_MASK_ATTENTION_FUNCTIONS[impl])
+    model.set_attn_implementation(RAGGED + impl)
+
+
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The attention modules of a Llama-like model (they own q_proj and a layer_idx)."""
     mods = [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "layer_idx")]
@@ -296,6 +356,7 @@ def prefill_compressed(model: torch.nn.Module, input_ids: torch.Tensor, policy: 
 
     Continue with `model.generate(torch.cat([input_ids, question]), past_key_values=cache)`:
     the cache reports T seen tokens, so only the question is computed, at positions T...
+    When the policy left layers of different lengths, `ragged_layers(model)` is applied.
     A policy that `reconstructs` (KVzip) needs `prompt_ids`, its repeat prompt's ids
     (`policy.prompt_ids(tokenizer)`); the context repeated is `input_ids`.
     """
@@ -308,4 +369,6 @@ def prefill_compressed(model: torch.nn.Module, input_ids: torch.Tensor, policy: 
             raise ValueError(f"{policy.name} needs the repeat prompt's ids (prompt_ids=policy.prompt_ids(tokenizer))")
         reconstruct(model, cache, ids[0], prompt_ids, policy.chunk, policy.overlap, policy.block)
     cache.compress(budget)
+    if len(set(cache.layer_lengths())) > 1:
+        ragged_layers(model)
     return cache

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from kvmw.eviction.attention import window_attention
-from kvmw.eviction.base import Policy, ScoreInputs
+from kvmw.eviction.base import Budget, Policy, ScoreInputs, layer_counts, select
 
 REPEAT_PROMPT = "\n\nRepeat the previous context exactly.\n"
 
@@ -20,9 +20,16 @@ class KVzip(Policy):
     context itself (teacher-forced) over the cache; a token's score is the largest
     softmax attention probability any of those reconstruction queries, over the
     query heads of its KV group, pays it (causal: a query's softmax runs over the
-    context and the repeat tokens before it). Top-k per KV head. (Kim et al. 2025,
-    "KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction",
-    arXiv:2505.23416.)
+    context and the repeat tokens before it). (Kim et al. 2025, "KVzip: Query-Agnostic
+    KV Cache Compression with Context Reconstruction", arXiv:2505.23416.)
+
+    Budget. The scores are probabilities on one scale in every layer, so, as in the
+    paper and kvpress, one threshold is taken over all layers (`budget_scope="global"`,
+    the default): a layer whose tokens the reconstruction needs keeps more of them, one
+    that attends to few tokens keeps fewer, and the cache as a whole keeps exactly the
+    budget (`layer_counts`; both KV heads of a layer keep the same count, so a layer
+    stays one dense tensor and layers differ in length: see `kvmw.eviction.hf`).
+    `budget_scope="layer"`: every layer and KV head keeps the budget (top-k per head).
 
     The question is not needed: a token the model cannot repeat the context
     without is kept, whatever is asked later. Cost: the reconstruction pass is a
@@ -42,9 +49,14 @@ class KVzip(Policy):
     chunk: int = 2048
     overlap: int = 8
     block: int = 256
+    budget_scope: str = "global"
     name: ClassVar[str] = "kvzip"
     #: the scores come from the context-reconstruction pass (`kvmw.eviction.hf.reconstruct`)
     reconstructs: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if self.budget_scope not in ("global", "layer"):
+            raise ValueError(f"budget_scope must be 'global' or 'layer', got {self.budget_scope!r}")
 
     def prompt_ids(self, tokenizer) -> list[int]:
         """The repeat prompt's token ids (no special tokens added)."""
@@ -58,6 +70,16 @@ class KVzip(Policy):
                              f"{inputs.num_tokens}: it compresses a prefilled context once, it does not "
                              "bound generation")
         return inputs.reconstruction.float()
+
+    def keep_layers(self, layers: list[ScoreInputs], budget: Budget | int) -> list[torch.Tensor]:
+        """Per layer the sorted indices [kv_heads, k_l] to keep; with the global scope
+        the k_l differ and sum to the budget of every layer together."""
+        if self.budget_scope == "layer":
+            return super().keep_layers(layers, budget)
+        scores = [self.score(inputs) for inputs in layers]
+        shares = [min(budget, s.shape[-1]) if isinstance(budget, int) else budget.count(s.shape[-1]) for s in scores]
+        counts = layer_counts(scores, shares, self.sinks, self.window)
+        return [select(s, int(k), self.sinks, self.window) for s, k in zip(scores, counts)]
 
 
 def reconstruction_scores(queries: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor,

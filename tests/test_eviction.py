@@ -18,6 +18,7 @@ from kvmw.eviction import (
     select,
 )
 from kvmw.eviction.attention import accumulate_attention, pool_groups, window_attention
+from kvmw.eviction.base import layer_counts
 from kvmw.eviction.kvzip import reconstruction_scores
 from kvmw.eviction.store import StoreEviction, chunk_span, encode_pruned, uniform_keep
 from kvmw.quantizers import decode_blob, make_codec
@@ -149,6 +150,32 @@ def test_kvzip_scores_are_each_keys_max_causal_attention_over_rows_and_its_query
         KVzip().keep(inputs(T=10, reconstruction=torch.rand(2, 8)), 5)  # scores of another length
     with pytest.raises(ValueError):
         StoreEviction(KVzip(), Budget(ratio=0.5))  # no reconstruction pass before store
+
+
+def test_kvzip_global_budget_is_one_threshold_over_every_layers_scores():
+    g = torch.Generator().manual_seed(5)
+    L, H, T, k, sinks = 4, 2, 30, 9, 2
+    scores = [torch.rand(H, T, generator=g) * scale for scale in (1.0, 0.2, 3.0, 0.05)]  # layers differ in scale
+    layers = [inputs(T=T, reconstruction=s) for s in scores]
+    counts = layer_counts(scores, [k] * L, sinks)
+    assert int(counts.sum()) == L * k and (counts >= sinks).all()
+    assert counts[2] > counts[0] > counts[1] >= counts[3]  # layers with high scores keep more
+    # brute force: a layer keeps j tokens per head while its best head's j-th score (sinks
+    # first) clears the threshold, the (L * k)-th best of all those slot values
+    slots = torch.stack([s.clone().index_fill_(1, torch.arange(sinks), 10.0).sort(-1, descending=True).values.amax(0)
+                         for s in scores])
+    threshold = slots.flatten().sort(descending=True).values[L * k - 1]
+    assert counts.tolist() == (slots >= threshold).sum(1).tolist()
+
+    kept = KVzip(sinks=sinks).keep_layers(layers, k)
+    assert [idx.shape for idx in kept] == [(H, int(c)) for c in counts]  # dense per layer, sum = budget
+    for idx, s, c in zip(kept, scores, counts):  # each head: the sinks and its top scores
+        torch.testing.assert_close(idx, select(s, int(c), sinks=sinks))
+    assert sum(i.numel() for i in KVzip().keep_layers(layers, Budget(ratio=0.25))) == L * H * 8
+    uniform = KVzip(sinks=sinks, budget_scope="layer").keep_layers(layers, k)
+    assert all(torch.equal(i, select(s, k, sinks=sinks)) for i, s in zip(uniform, scores))
+    with pytest.raises(ValueError):
+        KVzip(budget_scope="heads")
 
 
 def test_make_policy_by_name():

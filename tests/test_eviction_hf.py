@@ -1,7 +1,10 @@
 """Eviction in the HF path: the hooks' recomputed attention rows equal the model's, generation
 after eviction equals a from-weights reference of attention over the kept tokens at their
-true positions, bounded generation stays bounded and exact, and chunks stored pruned (with a
-codec) continue correctly in a later request."""
+true positions (also when KVzip's global budget leaves layers of different lengths, each
+with its own mask), bounded generation stays bounded and exact, and chunks stored pruned
+(with a codec) continue correctly in a later request."""
+
+import copy
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from kvmw.config import KVMWConfig
 from kvmw.eviction import H2O, Budget, KVzip, SnapKV, StreamingLLM
 from kvmw.eviction.attention import pool_groups
-from kvmw.eviction.hf import EvictionCache, eviction_hooks, prefill_compressed, reconstruct
+from kvmw.eviction.hf import EvictionCache, eviction_hooks, prefill_compressed, ragged_layers, reconstruct
 from kvmw.eviction.store import StoreEviction
 from kvmw.integrations.hf import KVMW
 from kvmw.quantizers import decode_blob
@@ -121,23 +124,78 @@ def test_kvzip_reconstruction_scores_equal_the_models_eager_attention_and_leave_
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
-def test_kvzip_generation_after_compression_attends_to_kept_tokens_at_true_positions(smollm2, ids):
+@pytest.fixture
+def sdpa_after(smollm2):
+    """Puts SmolLM2 back on plain sdpa after a test that made it take ragged layers."""
+    yield
+    smollm2[0].set_attn_implementation("sdpa")
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_kvzip_generation_after_compression_attends_to_kept_tokens_at_true_positions(smollm2, ids, scope,
+                                                                                    sdpa_after):
     model, tok = smollm2
     ctx, new = ids[:288], ids[288:320]
-    policy = KVzip()
+    policy = KVzip(budget_scope=scope)
     with pytest.raises(ValueError):
         prefill_compressed(model, ctx, policy, Budget(ratio=0.25))  # no repeat prompt
     cache = prefill_compressed(model, ctx, policy, Budget(ratio=0.25), policy.prompt_ids(tok))
     positions = [layer.positions for layer in cache.layers]
     assert all(p[:, :4].tolist() == [[0, 1, 2, 3]] * p.shape[0] for p in positions)  # sinks
+    lengths = cache.layer_lengths()
+    assert sum(lengths) == len(lengths) * 72  # the budget of the whole cache, exactly
+    if scope == "global":  # layers keep what the shared threshold gives them; attention cut per layer
+        assert len(set(lengths)) > 4 and model.config._attn_implementation == "kvmw_ragged_sdpa"
+        assert cache.nbytes() == sum(lengths) * 2 * model.config.num_key_value_heads * 64 * 4  # K, V; fp32
+    else:
+        assert set(lengths) == {72}
+    untouched = copy.deepcopy(cache)  # for generate (one reconstruction pass per test)
+    # the 32 new tokens are one prefill over layers of different lengths (the mask cut per layer)
     kept = _matches_attention_over_kept_tokens(model, cache, ctx, new)
 
-    cache = prefill_compressed(model, ctx, policy, Budget(ratio=0.25), policy.prompt_ids(tok))
+    cache = untouched
     with torch.inference_mode():
         gen = model.generate(ids[None, :320], past_key_values=cache, max_new_tokens=8, min_new_tokens=8,
                              do_sample=False)[0, 320:]
     teacher = reference_logits(model, kept, torch.cat([new, gen[:-1]]), start=288)[31:]
     assert torch.equal(teacher.argmax(-1), gen)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_layers_of_different_lengths_get_each_its_own_mask(impl):
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    cfg._attn_implementation = impl
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    ctx, new = torch.randint(0, 128, (40,)), torch.randint(0, 128, (6,))
+    counts = [13, 31, 4]  # layer 0 is neither the longest nor the shortest
+
+    def compressed():
+        cache = EvictionCache(cfg)
+        with torch.inference_mode():
+            model(ctx[None], past_key_values=cache)
+        for layer, k in zip(cache.layers, counts):
+            layer.keep(torch.rand(2, 40, generator=torch.Generator().manual_seed(k)).topk(k).indices.sort().values)
+        return cache
+
+    cache = compressed()
+    assert cache.layer_lengths() == counts and cache.get_mask_sizes(6, 0) == (31 + 6, 40 - 31)
+    kept = [(layer.keys[0].clone(), layer.values[0].clone()) for layer in cache.layers]
+    ref = reference_logits(model, kept, new, start=40)
+    with pytest.raises(RuntimeError), torch.inference_mode():
+        model(new[None], past_key_values=compressed())  # one mask for all layers does not fit
+    ragged_layers(model)
+    ragged_layers(model)  # idempotent
+    assert model.config._attn_implementation == "kvmw_ragged_" + impl
+    with torch.inference_mode():
+        out = model(new[None], past_key_values=cache).logits[0]
+        step = model(new[None, :1], past_key_values=cache).logits[0]  # then one decode step
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    kept = [(torch.cat([k, layer.keys[0, :, -7:-1]], 1), torch.cat([v, layer.values[0, :, -7:-1]], 1))
+            for (k, v), layer in zip(kept, cache.layers)]
+    torch.testing.assert_close(step, reference_logits(model, kept, new[:1], start=46), atol=1e-4, rtol=1e-4)
+    assert cache.layer_lengths() == [c + 7 for c in counts]
 
 
 def _matches_attention_over_kept_tokens(model, cache, ctx, new):

@@ -11,13 +11,16 @@ seen), compressed, then:
   `agreement` is the share of steps with the same greedy token, `kl` the mean
   KL(full || compressed) of next-token distributions (the first token is left
   out: compression happens after it is computed);
-- bytes_ratio: KV bytes kept / full-cache bytes;
+- bytes_ratio: KV bytes kept / full-cache bytes (all layers: under KVzip's global
+  budget layers keep different counts, the sum is the budget);
 - prefill overhead of scoring: prefill + hooks + compression time over a plain
   SDPA prefill, measured on the first prompt (2 cores, shared: noisy).
 One prefill per prompt serves every policy: the hooks capture the last 64
 queries and H2O's attention mass once, KVzip's reconstruction pass (repeat prompt
 + the context again, its tokens dropped afterwards) runs once on it, each policy
-then compresses a copy. KVzip's repeat prompt closes the user turn and opens the
+then compresses a copy. `kvzip` shares its budget across layers (one threshold over all
+layers' scores, as in the paper and kvpress); `kvzip_layer` keeps the budget in every layer
+and KV head. KVzip's repeat prompt closes the user turn and opens the
 assistant's on the needle prompts (chat), as kvpress does; plain on fidelity.
 
 kvpress (NVIDIA) runs the presses of the same names (H2O: ObservedAttentionPress)
@@ -41,7 +44,10 @@ import torch.nn.functional as F
 
 from kvmw.bench.common import machine, print_table, write_json
 
-POLICIES = ["streaming_llm", "h2o", "snapkv", "tova", "knorm", "kvzip"]
+POLICIES = ["streaming_llm", "h2o", "snapkv", "tova", "knorm", "kvzip", "kvzip_layer"]
+#: bench rows that are a policy with other settings: KVzip with the budget per layer and
+#: KV head (top-k per head) instead of one threshold over all layers (`kvzip`, its default)
+VARIANTS = {"kvzip_layer": ("kvzip", {"budget_scope": "layer"})}
 PLACES = ["Oslo", "Lima", "Hanoi", "Quito", "Dakar", "Perth", "Riga", "Accra", "Bogota", "Tbilisi", "Nairobi",
           "Lisbon", "Manila", "Tunis", "Zagreb", "Austin", "Cairo", "Denver", "Kyoto", "Porto"]
 KVPRESS_VENV = "/tmp/kvpress-venv"
@@ -105,8 +111,10 @@ def _greedy(model: Any, cache: Any, first: int, steps: int) -> torch.Tensor:
 
 
 def _derive(model: Any, src: Any, policy: Any = None, budget: Any = None) -> Any:
-    """A compressed copy of a captured cache (the source is left as it is)."""
-    from kvmw.eviction.hf import EvictionCache
+    """A compressed copy of a captured cache (the source is left as it is); a policy that
+    leaves layers of different lengths (KVzip's global budget) makes the model cut its
+    mask per layer (`ragged_layers`)."""
+    from kvmw.eviction.hf import EvictionCache, ragged_layers
 
     cache = EvictionCache(model.config)
     for dst, s in zip(cache.layers, src.layers):
@@ -121,6 +129,8 @@ def _derive(model: Any, src: Any, policy: Any = None, budget: Any = None) -> Any
         cache.compress(budget, policy)
         for layer in cache.layers:
             layer.queries = layer.query_positions = layer.mass = layer.reconstruction = None
+        if len(set(cache.layer_lengths())) > 1:
+            ragged_layers(model)
     return cache
 
 
@@ -213,7 +223,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     model, tok = load(args.model)
     budgets = [Budget.parse(b) for b in args.budgets]
-    policies = {name: make_policy(name) for name in args.policies}
+    policies = {}
+    for name in args.policies:
+        base, settings = VARIANTS.get(name, (name, {}))
+        policies[name] = make_policy(base, **settings)
     results: dict[str, Any] = {name: {b.tag: {} for b in budgets} for name in policies}
     kvzip = next((p for p in policies.values() if p.reconstructs), None)
     out: dict[str, Any] = {"model": args.model, "budgets": [b.tag for b in budgets], "machine": machine()}

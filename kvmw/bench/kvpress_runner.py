@@ -31,7 +31,9 @@ def main(src: str, dst: str) -> int:
                "knorm": lambda r: kvpress.KnormPress(compression_ratio=r),
                "h2o": lambda r: kvpress.ObservedAttentionPress(compression_ratio=r),
                # its own reconstruction pass after the prefill; budgets non-uniform over layers and heads
-               "kvzip": lambda r: kvpress.KVzipPress(compression_ratio=r)}
+               "kvzip": lambda r: kvpress.KVzipPress(compression_ratio=r),
+               # the same ratio in every layer (the heads of a layer share its count)
+               "kvzip_layer": lambda r: kvpress.KVzipPress(compression_ratio=r, layerwise=True)}
     models = {}
 
     def model_for(name: str):
