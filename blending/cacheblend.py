@@ -76,28 +76,23 @@ class CacheBlend(BlendStrategy):
         return forced & plan.cached
 
     def _top(self, score: torch.Tensor, candidates: torch.Tensor, forced: torch.Tensor, budget: int) -> torch.Tensor:
-        """Bool mask: `forced` plus the highest-scoring other `candidates`, `budget` in all."""
-        chosen = forced.clone()
-        rest = budget - int(forced.sum())
+        """Bool mask: `forced` plus the highest-scoring other `candidates`, `budget` in all
+        (none forced when they alone exceed it: fewer than one sink token per document fits)."""
+        if int(forced.sum()) > budget:
+            forced = torch.zeros_like(forced)
+        chosen, open_ = forced.clone(), candidates & ~forced
+        rest = min(budget - int(forced.sum()), int(open_.sum()))
         if rest > 0:
-            score = score.float().cpu().masked_fill(~(candidates & ~forced), float("-inf"))
-            rest = min(rest, int((candidates & ~forced).sum()))
-            chosen[score.topk(rest).indices] = True
+            chosen[score.float().cpu().masked_fill(~open_, float("-inf")).topk(rest).indices] = True
         return chosen
 
     def select(self, plan: BlendPlan, deviation: Any) -> torch.Tensor:
         budget = self.budget(plan, 0)
         if budget == 0 or deviation is None:
             return torch.zeros_like(plan.cached)
-        forced = self.sinks(plan)
-        if int(forced.sum()) > budget:  # fewer than one sink token per document fits: none forced
-            forced = torch.zeros_like(forced)
-        return self._top(self.score(deviation), plan.cached, forced, budget)
+        return self._top(self.score(deviation), plan.cached, self.sinks(plan), budget)
 
     def refine(self, plan: BlendPlan, layer: int, index: torch.Tensor, deviation: Any) -> torch.Tensor:
         cached = plan.cached[index.cpu()]
         forced = self.sinks(plan)[index.cpu()]
-        budget = self.budget(plan, layer - self.full_layers + 1)
-        if int(forced.sum()) > budget:
-            forced = torch.zeros_like(forced)
-        return self._top(self.score(deviation), cached, forced, budget) | ~cached
+        return self._top(self.score(deviation), cached, forced, self.budget(plan, layer - self.full_layers + 1)) | ~cached

@@ -15,7 +15,8 @@ one mask for all layers. `EvictionCache.get_mask_sizes` sizes it for the longest
 layer, and `ragged_layers(model)` switches the model to a wrapper of its attention
 (sdpa or eager) that cuts the mask to each layer's keys: its last S_l + q columns,
 i.e. the layer's stored tokens (all in the past, visible) and the q new ones (causal).
-A no-op where the mask already fits; `prefill_compressed` calls it when needed.
+A no-op where the mask already fits; `compress(model, cache, ...)` (and so
+`prefill_compressed`) calls it when needed.
 
 Scoring. `eviction_hooks(model)` puts a forward hook on each attention module. It
 acts only when the call's cache is an `EvictionCache`: it recomputes the queries
@@ -368,7 +369,14 @@ def prefill_compressed(model: torch.nn.Module, input_ids: torch.Tensor, policy: 
         if prompt_ids is None:
             raise ValueError(f"{policy.name} needs the repeat prompt's ids (prompt_ids=policy.prompt_ids(tokenizer))")
         reconstruct(model, cache, ids[0], prompt_ids, policy.chunk, policy.overlap, policy.block)
-    cache.compress(budget)
+    return compress(model, cache, budget)
+
+
+def compress(model: torch.nn.Module, cache: EvictionCache, budget: Budget | int,
+             policy: Policy | None = None) -> EvictionCache:
+    """`cache.compress(budget, policy)` for generation with `model`: when the policy left
+    layers of different lengths, `ragged_layers(model)` too."""
+    cache.compress(budget, policy)
     if len(set(cache.layer_lengths())) > 1:
         ragged_layers(model)
     return cache

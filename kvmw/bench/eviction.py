@@ -113,8 +113,8 @@ def _greedy(model: Any, cache: Any, first: int, steps: int) -> torch.Tensor:
 def _derive(model: Any, src: Any, policy: Any = None, budget: Any = None) -> Any:
     """A compressed copy of a captured cache (the source is left as it is); a policy that
     leaves layers of different lengths (KVzip's global budget) makes the model cut its
-    mask per layer (`ragged_layers`)."""
-    from kvmw.eviction.hf import EvictionCache, ragged_layers
+    mask per layer (`kvmw.eviction.hf.compress`)."""
+    from kvmw.eviction.hf import EvictionCache, compress
 
     cache = EvictionCache(model.config)
     for dst, s in zip(cache.layers, src.layers):
@@ -126,11 +126,9 @@ def _derive(model: Any, src: Any, policy: Any = None, budget: Any = None) -> Any
             dst.mass = s.mass if policy.accumulates else None
             dst.reconstruction = s.reconstruction if policy.reconstructs else None
     if policy is not None:
-        cache.compress(budget, policy)
+        compress(model, cache, budget, policy)
         for layer in cache.layers:
             layer.queries = layer.query_positions = layer.mass = layer.reconstruction = None
-        if len(set(cache.layer_lengths())) > 1:
-            ragged_layers(model)
     return cache
 
 
