@@ -40,11 +40,11 @@ class Repositioner:
 
     def rotate(self, keys: torch.Tensor, delta: torch.Tensor | int) -> torch.Tensor:
         """Keys [..., T, D] moved by `delta` positions (an int, or [T] per token)."""
-        delta = torch.as_tensor(delta, dtype=torch.float64).reshape(-1, 1)  # [T or 1, 1]
+        delta = torch.as_tensor(delta, dtype=torch.float64, device="cpu").reshape(-1, 1)  # [T or 1, 1]
         angles = delta * self.inv_freq.to(torch.float64)  # float64: positions up to 1e6 stay exact
         angles = torch.cat((angles, angles), dim=-1)
-        cos = angles.cos().to(torch.float32)
-        sin = angles.sin().to(torch.float32)
+        cos = angles.cos().to(device=keys.device, dtype=torch.float32)
+        sin = angles.sin().to(device=keys.device, dtype=torch.float32)
         k = keys.float()
         half = k.shape[-1] // 2
         rotated = torch.cat((-k[..., half:], k[..., :half]), dim=-1)

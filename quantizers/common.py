@@ -50,7 +50,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     if bits == 8:
         return packed[:numel]
     mask = (1 << bits) - 1
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
     out = (packed.reshape(-1, 1) >> shifts) & mask
     return out.reshape(-1)[:numel]
 

@@ -29,6 +29,7 @@ def _lut(dtype: torch.dtype) -> np.ndarray:
 class FP8(Quantizer):
     name = "fp8"
     options = frozenset({"token", "head"})
+    decodes_on_device = True
 
     def __init__(self, scale: str = "token") -> None:
         if scale not in ("token", "head"):
@@ -65,6 +66,11 @@ class FP8(Quantizer):
                device: torch.device | None = None) -> torch.Tensor:
         rows, cols = self._rows(shape)
         cb, sb = split_payload(payload, [rows * cols, rows * 2])
+        scale = tensor_from_bytes(sb, torch.float16, (rows, 1))
+        if device is not None:  # on the GPU: upload the 1-byte codes, convert there (exact: e4m3 fits fp16/bf16)
+            codes = tensor_from_bytes(cb, torch.uint8, (rows, cols)).to(device).view(torch.float8_e4m3fn)
+            out = codes.to(dtype).nan_to_num_(nan=0.0)  # as the table: NaN codes are never written
+            return out.mul_(scale.to(device)).view(shape)
         codes = np.frombuffer(cb, dtype=np.uint8)
         lut = self._luts.get(dtype)
         if lut is None:
@@ -72,6 +78,5 @@ class FP8(Quantizer):
         out = torch.empty((rows, cols), dtype=dtype)
         np.take(lut, codes, out=out.view(torch.int16 if dtype != torch.float32 else torch.int32)
                 .numpy().reshape(-1))
-        scale = tensor_from_bytes(sb, torch.float16, (rows, 1))
         out.mul_(scale)
         return out.view(shape)

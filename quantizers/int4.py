@@ -39,7 +39,7 @@ def quantize_groups(x: torch.Tensor, bits: int, dim: int = 1, codes: torch.Tenso
     s = step.float().masked_fill_(step == 0, 1.0)
     x.sub_(mn.float()).div_(s)
     round_half_up_(x).clamp_(0, levels)
-    codes = torch.empty(x.shape, dtype=torch.uint8) if codes is None else codes
+    codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device) if codes is None else codes
     codes.copy_(x)
     return codes, mn, step
 

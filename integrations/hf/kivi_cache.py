@@ -169,7 +169,10 @@ class KIVILayer(DynamicLayer):
         kb = k.view(H, n_blocks, G, D)
         n_out = min(self.outlier_channels, D)
         if n_out:  # the block's widest key channels, per head, also kept at outlier_bits
-            idx = (kb.amax(2) - kb.amin(2)).topk(n_out, dim=-1).indices.sort(-1).values  # [H, nb, n]
+            # widest first, ties (ranges of fp16 keys often tie) to the lower channel, so that
+            # every device picks the same channels: a stable sort, not topk
+            ranges = kb.amax(2) - kb.amin(2)
+            idx = ranges.sort(dim=-1, descending=True, stable=True).indices[..., :n_out].sort(-1).values  # [H, nb, n]
             oq = self._quantize(kb.gather(-1, idx[:, :, None, :].expand(H, n_blocks, G, n_out)), 2,
                                 self.outlier_bits)
             oq = (idx.to(torch.uint8), *oq)
