@@ -83,15 +83,23 @@ class LlamaLikeAdapter:
         """Layer `i` for the tokens in `hidden` ([1, S, E], at `positions` [S]) over the full KV
         (at `kv_positions`, 0..N-1; when S == N the queries are every position in order)."""
         cos_sin = self.body.rotary_emb(hidden, positions.reshape(1, -1))
-        mask = None  # every token at its own position: the kernel's causal path, no mask to build
-        if self.windows[i] or positions.numel() != kv_positions.numel():
+        mask = None  # every token at its own position: sdpa's causal path, no mask to build
+        if self.windows[i] or positions.numel() != kv_positions.numel() or not self._bool_masks():
             q, k = positions.reshape(-1, 1), kv_positions.reshape(1, -1)
             allowed = k <= q
             if self.windows[i]:
                 allowed &= k > q - self.windows[i]
             mask = allowed[None, None]
+            if not self._bool_masks():  # eager adds the mask to the logits: 0 or the dtype's min
+                mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=hidden.device).masked_fill_(
+                    ~mask, torch.finfo(hidden.dtype).min)
         return self.layers[i](hidden, attention_mask=mask, position_ids=positions.reshape(1, -1),
                               past_key_values=kv, use_cache=True, position_embeddings=cos_sin)
+
+    def _bool_masks(self) -> bool:
+        """sdpa (and kvmw's ragged wrapper of it) takes a boolean mask and is causal without
+        one; eager attention adds its mask to the logits and has no causal path of its own."""
+        return "sdpa" in (getattr(self.model.config, "_attn_implementation", None) or "sdpa")
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.body.norm(hidden))

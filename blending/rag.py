@@ -17,8 +17,9 @@ from typing import Any, Sequence
 
 import torch
 
-from kvmw.blending import cacheblend, epic  # noqa: F401  (register the strategies)
+from kvmw.blending import cacheblend, epic, query_aware  # noqa: F401  (register the strategies)
 from kvmw.blending.adapter import Deviation, LlamaLikeAdapter, ScatterKV
+from kvmw.blending.probe import attention_probe
 from kvmw.blending.rope import Repositioner
 from kvmw.blending.strategy import BlendPlan, make_strategy
 from kvmw.layout import to_hf_layers
@@ -164,13 +165,22 @@ class RAGBlender:
         full = min(strategy.full_layers, L)
         refine = set(strategy.refine_layers)
         plan = BlendPlan(cached=cached, spans=spans)
+        token_layers = 0
+        if strategy.probes:  # the uncached tokens alone over the reused KV: where do they look?
+            index = (~cached).nonzero().squeeze(1).to(device)
+            with attention_probe(self.model, n) as mass:
+                hidden = self.adapter.embed(ids[index.cpu()])
+                for i in range(L):
+                    hidden = self.adapter.run_layer(i, hidden, positions[index], ScatterKV(keys, values, index),
+                                                    positions)
+            plan.attention = mass.cpu()
+            token_layers += index.numel() * L
         index = torch.arange(n, device=device)
         if full:
             hidden = self.adapter.embed(ids)
         else:  # no layer for everyone: the strategy chooses up front
             index = (strategy.select(plan, None) | ~cached).nonzero().squeeze(1).to(device)
             hidden = self.adapter.embed(ids[index.cpu()])
-        token_layers = 0
         for i in range(L):
             deviation: list[Deviation] | None = [] if i == full - 1 or i in refine else None
             hidden = self.adapter.run_layer(i, hidden, positions[index], ScatterKV(keys, values, index, deviation),

@@ -5,7 +5,9 @@ uncached text (preamble, question), which is always computed. A strategy says
 how many leading layers run for every token (`full_layers`), then which cached
 tokens also run in the remaining layers (`select`, which may use the KV
 deviation measured in the last full layer), and may narrow that set again after
-some of the later layers (`refine_layers`, `refine`: gradual filtering).
+some of the later layers (`refine_layers`, `refine`: gradual filtering). A
+strategy that `probes` first runs the uncached tokens alone through every layer
+over the reused KV and chooses from the attention they paid each position.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ class BlendPlan:
 
     cached: torch.Tensor
     spans: list[tuple[int, int]]
+    #: [N] fp32, for strategies that probe: attention each position got from the uncached
+    #: tokens (question, preamble) run over the reused KV, summed over their rows, heads, layers
+    attention: torch.Tensor | None = None
 
     @property
     def num_cached(self) -> int:
@@ -31,6 +36,7 @@ class BlendPlan:
 @dataclass
 class BlendStrategy:
     name: ClassVar[str] = ""
+    probes: ClassVar[bool] = False  # select() reads plan.attention (costs a pass of the uncached tokens)
     recompute_ratio: float = 0.0
 
     def __post_init__(self) -> None:

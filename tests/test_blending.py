@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from kvmw.blending import (CacheBlend, EPIC, FullReuse, Repositioner, UnsupportedModelError,
+from kvmw.blending import (CacheBlend, EPIC, FullReuse, QueryAware, Repositioner, UnsupportedModelError,
                            UnsupportedRotaryError)
 from kvmw.blending.adapter import Deviation, LlamaLikeAdapter
 from kvmw.blending.rag import RAGResult
-from kvmw.blending.strategy import BlendPlan
+from kvmw.blending.strategy import BlendPlan, make_strategy
 from kvmw.config import KVMWConfig
 from kvmw.integrations.hf import KVMW
 from kvmw.integrations.hf.capture import capture_kv
@@ -126,6 +126,73 @@ def test_cacheblend_sink_tokens_gradual_filtering_and_deviation_kinds():
     assert CacheBlend(deviation="values", head_max=True).score(dev).argmax() == 2
 
 
+
+def test_query_aware_recomputes_windows_around_what_the_question_read():
+    cached = torch.tensor([False] + [True] * 40 + [True] * 20 + [False])
+    plan = BlendPlan(cached=cached, spans=[(1, 41), (41, 61)])
+    attention = torch.rand(62, generator=torch.Generator().manual_seed(0)) * 0.1
+    attention[[0, 61]] = 50.0  # uncached tokens: never chosen
+    attention[[20, 30]] = torch.tensor([9.0, 7.0])  # document 1's most-read tokens
+    attention[[42, 55]] = torch.tensor([8.0, 1.0])  # document 2's: one token from its start, then 55
+    plan.attention = attention
+    chosen = QueryAware(recompute_ratio=0.25, window=2).select(plan, None)
+    # document 1: budget 10 = two windows of 5 around 20 and 30; document 2: budget 5, the
+    # window around 42 cut at the border (41..44), the fifth token by attention (55)
+    assert chosen.nonzero().squeeze(1).tolist() == [*range(18, 23), *range(28, 33), 41, 42, 43, 44, 55]
+    with pytest.raises(ValueError, match="probe"):
+        QueryAware().select(BlendPlan(cached=cached, spans=plan.spans), None)
+    with pytest.raises(ValueError):
+        QueryAware(window=-1)
+
+
+def test_the_probe_records_the_questions_attention_over_the_reused_kv():
+    """On an eager-attention model: plan.attention is what eager attention gives the
+    uncached tokens (preamble and question) over the documents' reused KV, summed over
+    rows, heads and layers."""
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    cfg._attn_implementation = "eager"
+    model = LlamaForCausalLM(cfg).eval()
+    hook = KVMW(model, None, KVMWConfig.load(env={}, chunk_size=16), store=TieredStore([CPUTier(1 << 24)]))
+    blender = hook._blender()
+    docs = [torch.randint(0, 128, (n,)).tolist() for n in (30, 25)]
+    ids, spans, pre = blender.segments(docs, torch.randint(0, 128, (7,)).tolist(), preamble=[1, 2, 3])
+    result = RAGResult(sequences=ids[None], prompt_tokens=len(ids), timings={"load": 0.0, "prefill": 0.0})
+    kvs = [blender.document_kv(ids[s:e], result, stored=False, context=pre) for s, e in spans]
+    seen = {}
+
+    class Recording(QueryAware):
+        def select(self, plan, deviation):
+            seen["attention"] = plan.attention
+            return super().select(plan, deviation)
+
+    strategy = Recording(recompute_ratio=0.2)
+    keys, values = blender.blend(ids, spans, kvs, FullReuse(), result, first_position=len(pre))
+    blender.blend(ids, spans, kvs, strategy, result, first_position=len(pre))
+    q0 = spans[-1][1]
+    with torch.inference_mode():  # reference: eager attention of the preamble, then of the question over the reuse
+        ref = torch.zeros(len(ids))
+        for a in model(ids[None, :len(pre)], output_attentions=True).attentions:
+            ref[:len(pre)] += a[0].sum(dim=(0, 1))
+        cache = DynamicCache()
+        for i in range(len(keys)):
+            cache.update(keys[i][:, :, :q0], values[i][:, :, :q0], i)
+        for a in model(ids[None, q0:], past_key_values=cache, output_attentions=True).attentions:
+            ref += a[0].sum(dim=(0, 1))
+    torch.testing.assert_close(seen["attention"], ref, atol=1e-4, rtol=1e-4)
+    n_uncached = len(ids) - sum(e - s for s, e in spans)
+    assert result.recomputed_tokens == n_uncached + sum(round(0.2 * (e - s)) for s, e in spans)
+    # the work: the probe's uncached tokens in every layer, then the recomputed set in every layer
+    assert result.token_layers == 3 * n_uncached + 3 * result.recomputed_tokens
+    # eager attention adds its mask to the logits: the adapter's mask must be additive there
+    keys, values = blender.blend(ids, spans, kvs, CacheBlend(1.0), result, first_position=len(pre))
+    for i, (k, v) in enumerate(to_hf_layers(capture_kv(model, ids))):
+        torch.testing.assert_close(keys[i], k, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(values[i], v, atol=1e-5, rtol=1e-4)
+
 def hook_for(model, tok, store=None):
     return KVMW(model, tok, KVMWConfig.load(env={}, chunk_size=128),
                 store=store or TieredStore([CPUTier(1 << 30)]))
@@ -144,7 +211,8 @@ def exact_doc_kvs(model, ids, spans):
     return full, out
 
 
-@pytest.mark.parametrize("strategy", [CacheBlend(0.3), EPIC(0.3), FullReuse(), CacheBlend(0.0, check_layer=3),
+@pytest.mark.parametrize("strategy", [CacheBlend(0.3), EPIC(0.3), FullReuse(), QueryAware(0.3),
+                                      CacheBlend(0.0, check_layer=3),
                                       CacheBlend(0.3, check_layer=1, gradual=()),
                                       CacheBlend(0.3, gradual=(2.0, 1.5), sink_tokens=2, deviation="values")])
 def test_selective_recompute_over_exact_kv_changes_nothing(smollm2, docs, strategy):
@@ -164,15 +232,18 @@ def test_selective_recompute_over_exact_kv_changes_nothing(smollm2, docs, strate
     n_cached = len(ids) - uncached
     want = {"cacheblend": round(strategy.recompute_ratio * n_cached),
             "epic": sum(math.ceil(strategy.recompute_ratio * (e - s)) for s, e in spans),
+            "query_aware": sum(round(strategy.recompute_ratio * (e - s)) for s, e in spans),
             "full_reuse": 0}[strategy.name]
     assert result.recomputed_tokens == want + uncached > 0
     # the (token, layer) work: every token in the full layers, the gradual steps' larger sets, then the rest
     layers, n, full = len(keys), len(ids), strategy.full_layers
     steps = [round(m * strategy.recompute_ratio * n_cached) + uncached for m in getattr(strategy, "gradual", ())]
-    assert result.token_layers == n * full + sum(steps) + (layers - full - len(steps)) * result.recomputed_tokens
+    probe = layers * uncached if strategy.probes else 0  # the uncached tokens once more, alone
+    rest = (layers - full - len(steps)) * result.recomputed_tokens
+    assert result.token_layers == probe + n * full + sum(steps) + rest
 
 
-@pytest.mark.parametrize("strategy", ["cacheblend", "epic"])
+@pytest.mark.parametrize("strategy", ["cacheblend", "epic", "query_aware"])
 def test_full_recompute_equals_full_prefill(smollm2, docs, strategy):
     model, tok = smollm2
     hook = hook_for(model, tok)
@@ -183,7 +254,7 @@ def test_full_recompute_equals_full_prefill(smollm2, docs, strategy):
     result = RAGResult(sequences=ids[None], prompt_tokens=len(ids), timings={"load": 0.0, "prefill": 0.0})
     kvs = [blender.document_kv(ids[s:e], result) for s, e in spans]
     assert result.documents_loaded == {"cpu": 3}
-    keys, values = blender.blend(ids, spans, kvs, {"cacheblend": CacheBlend, "epic": EPIC}[strategy](1.0), result)
+    keys, values = blender.blend(ids, spans, kvs, make_strategy(strategy, 1.0), result)
     for i, (k, v) in enumerate(to_hf_layers(capture_kv(model, ids))):
         torch.testing.assert_close(keys[i], k, atol=2e-3, rtol=1e-3)
         torch.testing.assert_close(values[i], v, atol=2e-3, rtol=1e-3)

@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     layers = len(model.model.layers)
     configs: list[tuple[str, float]] = [("full_prefill", 1.0), ("full_reuse", 0.0)]
     configs += [("cacheblend", r) for r in args.ratios] + [("epic", r) for r in args.epic_ratios]
+    configs += [("query_aware", r) for r in args.query_aware_ratios]
     matched: dict[float, float] = {}  # cacheblend ratio -> EPIC ratio of the same prefill work
     gen = dict(max_new_tokens=args.steps, do_sample=False)
     sums: dict[tuple[str, float], dict[str, float]] = {}
@@ -168,6 +169,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratios", nargs="+", type=float, default=[0.15], help="CacheBlend recompute ratios")
     p.add_argument("--epic-ratios", nargs="*", type=float, default=[],
                    help="EPIC ratios besides those matching each CacheBlend ratio's prefill work")
+    p.add_argument("--query-aware-ratios", nargs="*", type=float, default=[0.15],
+                   help="query-aware (A^3-style) recompute ratios")
     p.add_argument("--no-match", action="store_true", help="no EPIC run at CacheBlend's work")
     p.add_argument("--steps", type=int, default=16, help="greedy answer tokens (agreement steps)")
     p.add_argument("--codec", default="none")
