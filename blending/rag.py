@@ -21,14 +21,16 @@ from kvmw.blending import cacheblend, epic, query_aware  # noqa: F401  (register
 from kvmw.blending.adapter import Deviation, LlamaLikeAdapter, ScatterKV
 from kvmw.blending.probe import attention_probe
 from kvmw.blending.rope import Repositioner
+from kvmw.blending.stand_in import STAND_IN_TEXT
 from kvmw.blending.strategy import BlendPlan, make_strategy
 from kvmw.layout import to_hf_layers
 
 log = logging.getLogger("kvmw.blending")
 
 #: what a document's KV is computed after: the prompt's preamble (the sink and instructions
-#: every prompt shares), or nothing (the document alone at positions 0..n-1)
-DOCUMENT_CONTEXTS = ("preamble", "none")
+#: every prompt shares), the preamble then a stand-in document (`kvmw.blending.stand_in`: the
+#: KV of a document that follows another), or nothing (alone at positions 0..n-1)
+DOCUMENT_CONTEXTS = ("preamble", "stand_in", "none")
 
 
 @dataclass
@@ -85,6 +87,19 @@ class RAGBlender:
         if ids.numel() == 0:
             raise ValueError("empty document or question")
         return ids
+
+    def document_context(self, kind: str, preamble: torch.Tensor | None, stand_in: Any = None
+                         ) -> torch.Tensor | None:
+        """The tokens documents are computed after (part of their chunk key); see DOCUMENT_CONTEXTS.
+        `stand_in`: text or ids of the stand-in document (None: `STAND_IN_TEXT`)."""
+        if kind not in DOCUMENT_CONTEXTS:
+            raise ValueError(f"document_context must be one of {DOCUMENT_CONTEXTS}; got {kind!r}")
+        if kind == "none":
+            return None
+        if kind == "preamble":
+            return preamble
+        ids = self._ids(STAND_IN_TEXT if stand_in is None else stand_in)
+        return ids if preamble is None else torch.cat([preamble, ids])
 
     def segments(self, documents: Sequence[Any], question: Any, preamble: Any = None
                  ) -> tuple[torch.Tensor, list[tuple[int, int]], torch.Tensor | None]:
@@ -207,16 +222,14 @@ def _kv_geometry(model: Any) -> tuple[int, int]:
 
 def generate_rag(hook: Any, documents: Sequence[Any], question: Any, strategy: Any = "cacheblend",
                  recompute_ratio: float = 0.15, preamble: Any = None, keep_cache: bool = False,
-                 document_context: str = "preamble", **generate_kwargs: Any) -> RAGResult:
+                 document_context: str = "preamble", stand_in: Any = None, **generate_kwargs: Any) -> RAGResult:
     """See `KVMW.generate_rag`. `strategy` is a name (with `recompute_ratio`) or a `BlendStrategy`."""
-    if document_context not in DOCUMENT_CONTEXTS:
-        raise ValueError(f"document_context must be one of {DOCUMENT_CONTEXTS}; got {document_context!r}")
     from transformers import DynamicCache
 
     t_start = time.perf_counter()
     blender = hook._blender()
     ids, spans, pre = blender.segments(documents, question, preamble)
-    context = pre if document_context == "preamble" else None
+    context = blender.document_context(document_context, pre, stand_in)
     plan = None
     if not isinstance(strategy, str):
         plan, strategy, recompute_ratio = strategy, strategy.name, strategy.recompute_ratio

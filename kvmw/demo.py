@@ -16,7 +16,8 @@ and the compression ratio, and every answer next to plain `generate`'s answer
 5. RAG: three documents, each holding one fact, are stored once; three
    questions ask over them in a different document order each time (so every
    document sits at a new offset), answered by full prefill, full reuse,
-   CacheBlend and EPIC (`hook.generate_rag`): TTFT and answers per strategy.
+   CacheBlend, EPIC and query-aware selection (`hook.generate_rag`): TTFT and
+   answers per strategy.
 """
 
 from __future__ import annotations
@@ -130,7 +131,8 @@ def _run_phase(args: argparse.Namespace) -> dict[str, Any]:
 
 
 RAG_QUESTIONS = ([0], [2], [1, 2])  # which documents' facts each question asks for
-RAG_STRATEGIES = (("full_prefill", 1.0), ("full_reuse", 0.0), ("cacheblend", 0.15), ("epic", 0.15))
+RAG_STRATEGIES = (("full_prefill", 1.0), ("full_reuse", 0.0), ("cacheblend", 0.15), ("epic", 0.15),
+                  ("query_aware", 0.15))
 
 
 def _rag_phase(args: argparse.Namespace) -> dict[str, Any]:

@@ -311,6 +311,37 @@ def test_documents_computed_after_the_preamble_are_keyed_by_it(smollm2, docs):
         hook.generate_rag(docs, QUESTION, preamble=pre, document_context="before", **GEN)
 
 
+def test_documents_computed_after_a_stand_in_document(smollm2, docs):
+    """document_context="stand_in": a document's KV is computed after the preamble and a
+    stand-in document (the KV of a document that follows another), keyed by both."""
+    model, tok = smollm2
+    hook = hook_for(model, tok)
+    pre = "Read the documents, then answer.\n"
+    stand_in = dict(preamble=pre, document_context="stand_in")
+    ref = hook.generate_rag(docs, QUESTION, strategy="full_prefill", preamble=pre, **GEN)
+    first = hook.generate_rag(docs, QUESTION, strategy="full_reuse", **stand_in, **GEN)
+    assert first.documents_prefilled == 3
+    blender = hook._blender()
+    ids, spans, pre_ids = blender.segments(docs, QUESTION, pre)
+    ctx = blender.document_context("stand_in", pre_ids)
+    assert torch.equal(ctx[:len(pre_ids)], pre_ids) and len(ctx) > len(pre_ids) + 200
+    result = RAGResult(sequences=ids[None], prompt_tokens=len(ids), timings={"load": 0.0, "prefill": 0.0})
+    s, e = spans[1]
+    kv = blender.document_kv(ids[s:e], result, context=ctx)
+    assert result.documents_loaded == {"cpu": 1}
+    direct = capture_kv(model, torch.cat([ctx, ids[s:e]]))[:, :, len(ctx):]
+    torch.testing.assert_close(kv, direct, atol=1e-5, rtol=1e-5)
+    # moved from after the stand-in to its place in the prompt: full recompute is full prefill
+    whole = hook.generate_rag(docs[::-1], QUESTION, strategy="cacheblend", recompute_ratio=1.0, **stand_in, **GEN)
+    assert whole.documents_loaded == {"cpu": 3}
+    assert torch.equal(hook.generate_rag(docs, QUESTION, strategy="cacheblend", recompute_ratio=1.0, **stand_in,
+                                         **GEN).sequences, ref.sequences)
+    # the stand-in is part of the key: another stand-in, or none, is a miss
+    other = hook.generate_rag(docs, QUESTION, strategy="full_reuse", stand_in="Another text.\n", **stand_in, **GEN)
+    plain = hook.generate_rag(docs, QUESTION, strategy="full_reuse", preamble=pre, **GEN)
+    assert other.documents_prefilled == 3 and plain.documents_prefilled == 3
+
+
 def test_a_corrupt_stored_document_is_prefilled_again(smollm2, docs):
     model, tok = smollm2
     hook = hook_for(model, tok)

@@ -104,25 +104,31 @@ class KVMW:
     # ---- RAG: position-independent documents (kvmw.blending) ----------------------------
     def generate_rag(self, documents: Any, question: Any, strategy: str = "cacheblend",
                      recompute_ratio: float = 0.15, preamble: Any = None, keep_cache: bool = False,
-                     document_context: str = "preamble", **generate_kwargs: Any) -> Any:
+                     document_context: str = "preamble", stand_in: Any = None, **generate_kwargs: Any) -> Any:
         """Answer `question` over `documents` (strings or token lists), reusing each
         document's stored KV at whatever offset and order it has in this prompt.
 
         Strategies: "full_prefill" (no reuse, the baseline), "full_reuse" (no
         recomputation), "cacheblend" (recompute the `recompute_ratio` share of
-        document tokens whose KV deviates most at the check layer) and "epic"
-        (recompute each document's first tokens). Unseen documents are prefilled
-        and stored: after the `preamble` (`document_context="preamble"`, the
-        default: every prompt starting with that preamble shares the document's
-        KV, whose attention then matches the full prompt's for the sink and
-        instructions) or alone (`"none"`: shared across preambles). Returns a `kvmw.blending.RAGResult` (ids, text, the
-        number of recomputed tokens, documents per tier, timings; the generation's
-        cache with `keep_cache=True`).
+        document tokens whose KV deviates most at the check layer), "epic"
+        (recompute each document's first tokens) and "query_aware" (recompute
+        windows around the tokens the question attends to in a probe pass).
+
+        Unseen documents are prefilled and stored, computed after
+        (`document_context`): the `preamble` ("preamble", the default: prompts
+        with that preamble share the document's KV, whose sink and instructions
+        are then the full prompt's), the preamble then a stand-in document
+        ("stand_in": `stand_in` text or ids, default `kvmw.blending.stand_in`;
+        the KV of a document that follows another, as all but the first do), or
+        nothing ("none": shared across preambles). The context is part of the
+        document's key. Returns a `kvmw.blending.RAGResult` (ids, text, the number
+        of recomputed tokens, documents per tier, timings; the generation's cache
+        with `keep_cache=True`).
         """
         from kvmw.blending.rag import generate_rag
 
         return generate_rag(self, documents, question, strategy, recompute_ratio, preamble, keep_cache,
-                            document_context, **generate_kwargs)
+                            document_context, stand_in, **generate_kwargs)
 
     def _blender(self) -> Any:
         if getattr(self, "_rag", None) is None:

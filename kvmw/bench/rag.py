@@ -73,6 +73,7 @@ def _teacher_forced(model: Any, result: Any, continuation: torch.Tensor) -> torc
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from kvmw.blending.stand_in import STAND_IN_TEXT
     from kvmw.config import KVMWConfig
     from kvmw.integrations.hf import KVMW
     from kvmw.integrations.hf.models import load
@@ -80,6 +81,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from kvmw.storage_tiers import CPUTier, TieredStore
 
     tune_allocator()
+    stand_in = f"<document>\n{STAND_IN_TEXT.strip()}\n</document>\n"  # formatted as the bench's documents
     model, tok = load(args.model)
     tasks = rag_tasks(tok, args.questions, args.docs, args.doc_tokens, args.seed)
     hook = KVMW(model, tok, KVMWConfig.load(env={}, codec=args.codec), store=TieredStore([CPUTier(8 << 30)]))
@@ -95,7 +97,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         docs = task["documents"]  # this question's order of its set's documents
         if task["set"] != stored_set:  # store the set's documents once (CPU tier)
             hook.generate_rag(docs, task["question"], strategy="full_reuse", preamble=PREAMBLE, max_new_tokens=1,
-                              document_context=args.document_context)
+                              document_context=args.document_context, stand_in=stand_in)
             stored_set = task["set"]
         ref_cont, ref_logp = None, None
         todo = list(configs)
@@ -103,7 +105,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             strategy, ratio = todo.pop(0)
             res = hook.generate_rag(docs, task["question"], strategy=strategy, recompute_ratio=ratio,
                                     preamble=PREAMBLE, keep_cache=True,
-                                    document_context=args.document_context, **gen)
+                                    document_context=args.document_context, stand_in=stand_in, **gen)
             if strategy == "cacheblend" and ratio in args.ratios and not args.no_match:
                 if ratio not in matched:  # EPIC's head share for the same (token, layer) work, fixed at task 1
                     cached = sum(len(d) for d in docs)
@@ -174,7 +176,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-match", action="store_true", help="no EPIC run at CacheBlend's work")
     p.add_argument("--steps", type=int, default=16, help="greedy answer tokens (agreement steps)")
     p.add_argument("--codec", default="none")
-    p.add_argument("--document-context", choices=("preamble", "none"), default="preamble",
-                   help="documents are prefilled after the preamble (default) or alone")
+    p.add_argument("--document-context", choices=("preamble", "stand_in", "none"), default="preamble",
+                   help="documents are prefilled after the preamble (default), after it and a stand-in "
+                        "document, or alone")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="")
