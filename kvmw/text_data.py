@@ -61,6 +61,14 @@ def fact_documents(tok: Any, n: int, doc_tokens: int, rng: random.Random, start:
     return documents, places, codes
 
 
+def stand_in_document(tok: Any, doc_tokens: int) -> list[int]:
+    """A document formatted as `fact_documents`' are, from the last essay (which no document
+    set of the benches reaches) and with no fact: RAG documents' stand-in predecessor
+    (`generate_rag(..., document_context="stand_in", stand_in=...)`)."""
+    ids = tok(essay(len(essay_paths()) - 1), add_special_tokens=False).input_ids
+    return tok(f"<document>\n{tok.decode(ids[:doc_tokens - 24])}\n</document>\n", add_special_tokens=False).input_ids
+
+
 def code_question(tok: Any, places: list[str]) -> list[int]:
     """A chat-formatted question for the codes of `places` (ends where the answer starts)."""
     what = " and for the ".join(f"{p} office" for p in places)

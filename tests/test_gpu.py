@@ -137,7 +137,7 @@ def test_prefix_reuse_on_cuda(llama):
 
 
 def test_rag_blending_on_cuda_equals_cpu(llama, monkeypatch):
-    from kvmw.blending import CacheBlend
+    from kvmw.blending import CacheBlend, QueryAware
 
     torch.manual_seed(2)
     docs = [torch.randint(0, 256, (n,)).tolist() for n in (70, 45, 90)]
@@ -145,16 +145,21 @@ def test_rag_blending_on_cuda_equals_cpu(llama, monkeypatch):
     preamble = torch.randint(0, 256, (6,)).tolist()
     gen = dict(max_new_tokens=4, do_sample=False, preamble=preamble, keep_cache=True)
     chosen, select = {}, CacheBlend.select
+    probed, query_select = {}, QueryAware.select
     runs = {}
     for dev, model in zip(("cpu", GPU), llama):
         monkeypatch.setattr(CacheBlend, "select", lambda self, plan, deviation, dev=dev: chosen.setdefault(
             dev, select(self, plan, deviation).cpu()))
+        monkeypatch.setattr(QueryAware, "select", lambda self, plan, deviation, dev=dev: probed.setdefault(
+            dev, (plan.attention, query_select(self, plan, deviation)))[1])
         hook = _hook(model, codec="none")
         hook.generate_rag(docs, question, strategy="full_reuse", **gen)  # stores the documents
         full = hook.generate_rag(docs[::-1], question, strategy="full_prefill", **gen)
         one = hook.generate_rag(docs[::-1], question, strategy="epic", recompute_ratio=1.0, **gen)
         epic = hook.generate_rag(docs[::-1], question, strategy="epic", recompute_ratio=0.15, **gen)
         blend = hook.generate_rag(docs[::-1], question, strategy="cacheblend", recompute_ratio=0.15, **gen)
+        hook.generate_rag(docs[::-1], question, strategy="query_aware", recompute_ratio=0.15,
+                          document_context="stand_in", stand_in=[7, 8, 9] * 20, **gen)
         assert blend.documents_loaded.get("cpu") == 3 and 0 < blend.recomputed_tokens < blend.prompt_tokens
         assert torch.equal(one.sequences.cpu(), full.sequences.cpu())
         for a, b in zip(one.cache.layers, full.cache.layers):
@@ -170,6 +175,10 @@ def test_rag_blending_on_cuda_equals_cpu(llama, monkeypatch):
     # CacheBlend ranks tokens by a KV difference; near ties may rank another token on the GPU
     a, b = chosen["cpu"], chosen[GPU]
     assert int(a.sum()) == int(b.sum()) > 0 and int((a & ~b).sum()) <= 2
+    # query-aware: the probe's attention agrees; its windows may move with a near tie
+    (att_a, a), (att_b, b) = probed["cpu"], probed[GPU]
+    torch.testing.assert_close(att_b.cpu(), att_a, atol=1e-4, rtol=1e-3)
+    assert int(a.sum()) == int(b.sum()) > 0 and int((a & ~b).sum()) <= 4
 
 
 @pytest.mark.parametrize("policy", ["streaming_llm", "snapkv"])

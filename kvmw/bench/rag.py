@@ -8,9 +8,13 @@ document rotating through every position, first to last), so the cached
 documents are reused at other offsets; every third question asks for the codes
 of two documents. Per set the documents are stored once (CPU tier), then per
 question every strategy answers: full prefill (the baseline), full reuse,
-CacheBlend at each `--ratios`, and EPIC at the ratio that does the same prefill
+CacheBlend at each `--ratios`, EPIC at the ratio that does the same prefill
 work as each CacheBlend ratio ((token, layer) pairs, fixed at the first task)
-plus any `--epic-ratios`. Reported per strategy and ratio:
+plus any `--epic-ratios`, and query-aware selection at `--query-aware-ratios`.
+With `--document-context stand_in` documents are computed after the preamble and
+a stand-in: another essay excerpt, formatted as the documents are and holding no
+fact, as a RAG application would pick one document of its corpus. Reported per
+strategy and ratio:
 - `ttft_ratio`: time to first token (documents warm in the CPU tier) over full
   prefill's, summed over tasks; `ttft_ratio_median`: the median of the per-task
   ratios (robust to a process paused mid-measurement on a shared machine);
@@ -34,7 +38,7 @@ import torch.nn.functional as F
 
 from kvmw.bench.common import machine, print_table, write_json
 from kvmw.text_data import RAG_PREAMBLE as PREAMBLE
-from kvmw.text_data import code_question, fact_documents
+from kvmw.text_data import code_question, fact_documents, stand_in_document
 
 
 def rag_tasks(tok: Any, n: int, docs: int, doc_tokens: int, seed: int = 0,
@@ -73,7 +77,6 @@ def _teacher_forced(model: Any, result: Any, continuation: torch.Tensor) -> torc
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from kvmw.blending.stand_in import STAND_IN_TEXT
     from kvmw.config import KVMWConfig
     from kvmw.integrations.hf import KVMW
     from kvmw.integrations.hf.models import load
@@ -81,7 +84,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from kvmw.storage_tiers import CPUTier, TieredStore
 
     tune_allocator()
-    stand_in = f"<document>\n{STAND_IN_TEXT.strip()}\n</document>\n"  # formatted as the bench's documents
+    stand_in = stand_in_document(tok, args.doc_tokens)  # a document of the corpus, as a RAG app would pick
     model, tok = load(args.model)
     tasks = rag_tasks(tok, args.questions, args.docs, args.doc_tokens, args.seed)
     hook = KVMW(model, tok, KVMWConfig.load(env={}, codec=args.codec), store=TieredStore([CPUTier(8 << 30)]))
