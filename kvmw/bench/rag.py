@@ -84,8 +84,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from kvmw.storage_tiers import CPUTier, TieredStore
 
     tune_allocator()
-    stand_in = stand_in_document(tok, args.doc_tokens)  # a document of the corpus, as a RAG app would pick
     model, tok = load(args.model)
+    stand_in = stand_in_document(tok, args.doc_tokens)  # a document of the corpus, as a RAG app would pick
     tasks = rag_tasks(tok, args.questions, args.docs, args.doc_tokens, args.seed)
     hook = KVMW(model, tok, KVMWConfig.load(env={}, codec=args.codec), store=TieredStore([CPUTier(8 << 30)]))
     layers = len(model.model.layers)
