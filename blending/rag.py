@@ -98,6 +98,9 @@ class RAGBlender:
             return None
         if kind == "preamble":
             return preamble
+        if stand_in is None and self.hook.tokenizer is None:
+            raise ValueError("the default stand-in document is text: pass stand_in= ids, a tokenizer to KVMW(...), "
+                             "or document_context='preamble'")
         ids = self._ids(STAND_IN_TEXT if stand_in is None else stand_in)
         return ids if preamble is None else torch.cat([preamble, ids])
 
@@ -222,7 +225,7 @@ def _kv_geometry(model: Any) -> tuple[int, int]:
 
 def generate_rag(hook: Any, documents: Sequence[Any], question: Any, strategy: Any = "cacheblend",
                  recompute_ratio: float = 0.15, preamble: Any = None, keep_cache: bool = False,
-                 document_context: str = "preamble", stand_in: Any = None, **generate_kwargs: Any) -> RAGResult:
+                 document_context: str = "stand_in", stand_in: Any = None, **generate_kwargs: Any) -> RAGResult:
     """See `KVMW.generate_rag`. `strategy` is a name (with `recompute_ratio`) or a `BlendStrategy`."""
     from transformers import DynamicCache
 

@@ -187,6 +187,8 @@ def test_the_probe_records_the_questions_attention_over_the_reused_kv():
     assert result.recomputed_tokens == n_uncached + sum(round(0.2 * (e - s)) for s, e in spans)
     # the work: the probe's uncached tokens in every layer, then the recomputed set in every layer
     assert result.token_layers == 3 * n_uncached + 3 * result.recomputed_tokens
+    with pytest.raises(ValueError, match="stand_in"):  # the default stand-in is text; this hook has no tokenizer
+        hook.generate_rag(docs, [5, 6, 7], preamble=[1, 2, 3], max_new_tokens=1)
     # eager attention adds its mask to the logits: the adapter's mask must be additive there
     keys, values = blender.blend(ids, spans, kvs, CacheBlend(1.0), result, first_position=len(pre))
     for i, (k, v) in enumerate(to_hf_layers(capture_kv(model, ids))):
@@ -248,7 +250,7 @@ def test_full_recompute_equals_full_prefill(smollm2, docs, strategy):
     model, tok = smollm2
     hook = hook_for(model, tok)
     ref = hook.generate_rag(docs, QUESTION, strategy="full_prefill", **GEN)
-    hook.generate_rag(docs, QUESTION, strategy="full_reuse", **GEN)  # stores the documents
+    hook.generate_rag(docs, QUESTION, strategy="full_reuse", document_context="none", **GEN)  # stores them
     blender = hook._blender()
     ids, spans, _ = blender.segments(docs, QUESTION)
     result = RAGResult(sequences=ids[None], prompt_tokens=len(ids), timings={"load": 0.0, "prefill": 0.0})
@@ -258,7 +260,7 @@ def test_full_recompute_equals_full_prefill(smollm2, docs, strategy):
     for i, (k, v) in enumerate(to_hf_layers(capture_kv(model, ids))):
         torch.testing.assert_close(keys[i], k, atol=2e-3, rtol=1e-3)
         torch.testing.assert_close(values[i], v, atol=2e-3, rtol=1e-3)
-    out = hook.generate_rag(docs, QUESTION, strategy=strategy, recompute_ratio=1.0, **GEN)
+    out = hook.generate_rag(docs, QUESTION, strategy=strategy, recompute_ratio=1.0, document_context="none", **GEN)
     assert out.recomputed_tokens == ref.prompt_tokens
     assert torch.equal(out.sequences, ref.sequences)
 
@@ -266,7 +268,8 @@ def test_full_recompute_equals_full_prefill(smollm2, docs, strategy):
 def test_documents_are_reused_in_any_order_and_offset_across_processes_tiers(smollm2, docs, tmp_path):
     model, tok = smollm2
     store = TieredStore([CPUTier(1 << 30), DiskTier(tmp_path, 1 << 30)])
-    first = hook_for(model, tok, store).generate_rag(docs, QUESTION, strategy="cacheblend", **GEN)
+    first = hook_for(model, tok, store).generate_rag(docs, QUESTION, strategy="cacheblend", document_context="none",
+                                                     **GEN)
     assert first.documents_prefilled == 3 and first.documents_loaded == {}
     store.close()
     # a new store over the same folder (a restarted process): the documents come from disk,
@@ -285,12 +288,13 @@ def test_documents_are_reused_in_any_order_and_offset_across_processes_tiers(smo
 
 
 def test_documents_computed_after_the_preamble_are_keyed_by_it(smollm2, docs):
-    """The default: a document's KV is computed after the prompt's preamble, so the first
-    document's reused KV is exactly the full prompt's, and another preamble is a miss."""
+    """document_context="preamble": a document's KV is computed after the prompt's preamble,
+    so the first document's reused KV is exactly the full prompt's; another preamble is a miss."""
     model, tok = smollm2
     hook = hook_for(model, tok)
     pre = "Read the documents, then answer.\n"
-    hook.generate_rag(docs, QUESTION, strategy="full_reuse", preamble=pre, **GEN)  # stores them
+    gen = dict(GEN, document_context="preamble")
+    hook.generate_rag(docs, QUESTION, strategy="full_reuse", preamble=pre, **gen)  # stores them
     blender = hook._blender()
     ids, spans, pre_ids = blender.segments(docs, QUESTION, pre)
     result = RAGResult(sequences=ids[None], prompt_tokens=len(ids), timings={"load": 0.0, "prefill": 0.0})
@@ -303,17 +307,17 @@ def test_documents_computed_after_the_preamble_are_keyed_by_it(smollm2, docs):
         torch.testing.assert_close(values[i][:, :, s0:e0], v[:, :, s0:e0], atol=2e-3, rtol=1e-3)
         if i == len(keys) - 1:  # later documents did not see the first: their deep KV differs
             assert not torch.allclose(values[i][:, :, s1:e1], v[:, :, s1:e1], atol=2e-3, rtol=1e-3)
-    other = hook.generate_rag(docs, QUESTION, strategy="full_reuse", preamble="Another preamble:\n", **GEN)
+    other = hook.generate_rag(docs, QUESTION, strategy="full_reuse", preamble="Another preamble:\n", **gen)
     assert other.documents_prefilled == 3 and other.documents_loaded == {}
-    again = hook.generate_rag(docs[::-1], QUESTION, strategy="full_reuse", preamble=pre, **GEN)
+    again = hook.generate_rag(docs[::-1], QUESTION, strategy="full_reuse", preamble=pre, **gen)
     assert again.documents_prefilled == 0 and again.documents_loaded == {"cpu": 3}
     with pytest.raises(ValueError, match="document_context"):
-        hook.generate_rag(docs, QUESTION, preamble=pre, document_context="before", **GEN)
+        hook.generate_rag(docs, QUESTION, preamble=pre, **dict(gen, document_context="before"))
 
 
 def test_documents_computed_after_a_stand_in_document(smollm2, docs):
-    """document_context="stand_in": a document's KV is computed after the preamble and a
-    stand-in document (the KV of a document that follows another), keyed by both."""
+    """document_context="stand_in" (the default): a document's KV is computed after the
+    preamble and a stand-in document (the KV of a document that follows another), keyed by both."""
     model, tok = smollm2
     hook = hook_for(model, tok)
     pre = "Read the documents, then answer.\n"
@@ -338,7 +342,7 @@ def test_documents_computed_after_a_stand_in_document(smollm2, docs):
                                          **GEN).sequences, ref.sequences)
     # the stand-in is part of the key: another stand-in, or none, is a miss
     other = hook.generate_rag(docs, QUESTION, strategy="full_reuse", stand_in="Another text.\n", **stand_in, **GEN)
-    plain = hook.generate_rag(docs, QUESTION, strategy="full_reuse", preamble=pre, **GEN)
+    plain = hook.generate_rag(docs, QUESTION, strategy="full_reuse", preamble=pre, document_context="preamble", **GEN)
     assert other.documents_prefilled == 3 and plain.documents_prefilled == 3
 
 
@@ -347,11 +351,12 @@ def test_a_corrupt_stored_document_is_prefilled_again(smollm2, docs):
     hook = hook_for(model, tok)
     ref = hook.generate_rag(docs, QUESTION, strategy="full_prefill", **GEN)
     ids = hook._blender()._ids(docs[1])
-    key = hook.keyspace.chunk_key(ids)
-    hook.generate_rag(docs, QUESTION, strategy="full_reuse", **GEN)
+    key = hook.keyspace.chunk_key(ids)  # documents computed alone: their key has no context
+    hook.generate_rag(docs, QUESTION, strategy="full_reuse", document_context="none", **GEN)
     blob = bytearray(hook.store.get(key))
     blob[len(blob) // 2] ^= 0xFF
     hook.store.tiers[0].put(key, bytes(blob))  # behind the store's back: a flipped bit in the payload
-    out = hook.generate_rag(docs, QUESTION, strategy="cacheblend", recompute_ratio=1.0, **GEN)
+    out = hook.generate_rag(docs, QUESTION, strategy="cacheblend", recompute_ratio=1.0, document_context="none",
+                            **GEN)
     assert out.documents_prefilled == 1 and out.documents_loaded == {"cpu": 2}
     assert torch.equal(out.sequences, ref.sequences)

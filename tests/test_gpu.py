@@ -143,7 +143,7 @@ def test_rag_blending_on_cuda_equals_cpu(llama, monkeypatch):
     docs = [torch.randint(0, 256, (n,)).tolist() for n in (70, 45, 90)]
     question = torch.randint(0, 256, (12,)).tolist()
     preamble = torch.randint(0, 256, (6,)).tolist()
-    gen = dict(max_new_tokens=4, do_sample=False, preamble=preamble, keep_cache=True)
+    gen = dict(max_new_tokens=4, do_sample=False, preamble=preamble, keep_cache=True, document_context="preamble")
     chosen, select = {}, CacheBlend.select
     probed, query_select = {}, QueryAware.select
     runs = {}
@@ -159,7 +159,7 @@ def test_rag_blending_on_cuda_equals_cpu(llama, monkeypatch):
         epic = hook.generate_rag(docs[::-1], question, strategy="epic", recompute_ratio=0.15, **gen)
         blend = hook.generate_rag(docs[::-1], question, strategy="cacheblend", recompute_ratio=0.15, **gen)
         hook.generate_rag(docs[::-1], question, strategy="query_aware", recompute_ratio=0.15,
-                          document_context="stand_in", stand_in=[7, 8, 9] * 20, **gen)
+                          **dict(gen, document_context="stand_in", stand_in=[7, 8, 9] * 20))
         assert blend.documents_loaded.get("cpu") == 3 and 0 < blend.recomputed_tokens < blend.prompt_tokens
         assert torch.equal(one.sequences.cpu(), full.sequences.cpu())
         for a, b in zip(one.cache.layers, full.cache.layers):

@@ -104,7 +104,7 @@ class KVMW:
     # ---- RAG: position-independent documents (kvmw.blending) ----------------------------
     def generate_rag(self, documents: Any, question: Any, strategy: str = "cacheblend",
                      recompute_ratio: float = 0.15, preamble: Any = None, keep_cache: bool = False,
-                     document_context: str = "preamble", stand_in: Any = None, **generate_kwargs: Any) -> Any:
+                     document_context: str = "stand_in", stand_in: Any = None, **generate_kwargs: Any) -> Any:
         """Answer `question` over `documents` (strings or token lists), reusing each
         document's stored KV at whatever offset and order it has in this prompt.
 
@@ -115,12 +115,12 @@ class KVMW:
         windows around the tokens the question attends to in a probe pass).
 
         Unseen documents are prefilled and stored, computed after
-        (`document_context`): the `preamble` ("preamble", the default: prompts
-        with that preamble share the document's KV, whose sink and instructions
-        are then the full prompt's), the preamble then a stand-in document
-        ("stand_in": `stand_in` text or ids, default `kvmw.blending.stand_in`;
-        the KV of a document that follows another, as all but the first do), or
-        nothing ("none": shared across preambles). The context is part of the
+        (`document_context`): the preamble then a stand-in document ("stand_in",
+        the default: `stand_in` text or ids, default `kvmw.blending.stand_in`,
+        better one document of your corpus formatted as the others; the KV of a
+        document that follows another, as all but the first do), the `preamble`
+        alone ("preamble": the first document's KV is then exactly the full
+        prompt's), or nothing ("none": shared across preambles). The context is part of the
         document's key. Returns a `kvmw.blending.RAGResult` (ids, text, the number
         of recomputed tokens, documents per tier, timings; the generation's cache
         with `keep_cache=True`).

@@ -179,8 +179,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-match", action="store_true", help="no EPIC run at CacheBlend's work")
     p.add_argument("--steps", type=int, default=16, help="greedy answer tokens (agreement steps)")
     p.add_argument("--codec", default="none")
-    p.add_argument("--document-context", choices=("preamble", "stand_in", "none"), default="preamble",
-                   help="documents are prefilled after the preamble (default), after it and a stand-in "
-                        "document, or alone")
+    p.add_argument("--document-context", choices=("preamble", "stand_in", "none"), default="stand_in",
+                   help="documents are prefilled after the preamble and a stand-in document (default), "
+                        "after the preamble, or alone")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="")
