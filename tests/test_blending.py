@@ -9,6 +9,7 @@ from kvmw.blending import (CacheBlend, EPIC, FullReuse, QueryAware, Repositioner
                            UnsupportedRotaryError)
 from kvmw.blending.adapter import Deviation, LlamaLikeAdapter
 from kvmw.blending.rag import RAGResult
+from kvmw.blending.query_aware import split_budget
 from kvmw.blending.strategy import BlendPlan, make_strategy
 from kvmw.config import KVMWConfig
 from kvmw.integrations.hf import KVMW
@@ -135,14 +136,31 @@ def test_query_aware_recomputes_windows_around_what_the_question_read():
     attention[[20, 30]] = torch.tensor([9.0, 7.0])  # document 1's most-read tokens
     attention[[42, 55]] = torch.tensor([8.0, 1.0])  # document 2's: one token from its start, then 55
     plan.attention = attention
-    chosen = QueryAware(recompute_ratio=0.25, window=2).select(plan, None)
-    # document 1: budget 10 = two windows of 5 around 20 and 30; document 2: budget 5, the
-    # window around 42 cut at the border (41..44), the fifth token by attention (55)
+    chosen = QueryAware(recompute_ratio=0.25, window=2, attention_share=0.0).select(plan, None)
+    # budgets by length: document 1: 10 = two windows of 5 around 20 and 30; document 2: 5,
+    # the window around 42 cut at the border (41..44), the fifth token by attention (55)
     assert chosen.nonzero().squeeze(1).tolist() == [*range(18, 23), *range(28, 33), 41, 42, 43, 44, 55]
+    # half the budget by attention: document 1 drew 16 + 40 * 0.05, document 2 9 + 20 * 0.05 of it
+    mixed = QueryAware(recompute_ratio=0.25, window=2).select(plan, None)
+    mass = torch.tensor([float(attention[1:41].sum()), float(attention[41:61].sum())])
+    want = 0.5 * torch.tensor([40, 20]) / 60 + 0.5 * mass / mass.sum()
+    assert int(mixed[1:41].sum()) == round(15 * float(want[0])) and int(mixed.sum()) == 15
     with pytest.raises(ValueError, match="probe"):
         QueryAware().select(BlendPlan(cached=cached, spans=plan.spans), None)
     with pytest.raises(ValueError):
         QueryAware(window=-1)
+    with pytest.raises(ValueError):
+        QueryAware(attention_share=1.5)
+
+
+def test_split_budget_is_exact_and_caps_each_document():
+    assert split_budget(10, [40, 20], torch.tensor([0.5, 0.5])) == [5, 5]
+    assert split_budget(7, [40, 20, 10], torch.tensor([1.0, 1.0, 1.0])) in ([3, 2, 2], [2, 3, 2], [2, 2, 3])
+    # document 2 wants 24 but holds 5: its excess goes to the others (9.5 each), where
+    # document 3 fills up at 10 and document 1 takes the rest
+    assert split_budget(30, [40, 5, 10], torch.tensor([0.1, 0.8, 0.1])) == [15, 5, 10]
+    assert split_budget(55, [40, 5, 10], torch.tensor([0.0, 1.0, 0.0])) == [40, 5, 10]  # all: every token
+    assert split_budget(3, [4, 4], torch.tensor([0.0, 0.0])) in ([2, 1], [1, 2])  # no attention: evenly
 
 
 def test_the_probe_records_the_questions_attention_over_the_reused_kv():
@@ -184,7 +202,7 @@ def test_the_probe_records_the_questions_attention_over_the_reused_kv():
             ref += a[0].sum(dim=(0, 1))
     torch.testing.assert_close(seen["attention"], ref, atol=1e-4, rtol=1e-4)
     n_uncached = len(ids) - sum(e - s for s, e in spans)
-    assert result.recomputed_tokens == n_uncached + sum(round(0.2 * (e - s)) for s, e in spans)
+    assert result.recomputed_tokens == n_uncached + round(0.2 * (len(ids) - n_uncached))
     # the work: the probe's uncached tokens in every layer, then the recomputed set in every layer
     assert result.token_layers == 3 * n_uncached + 3 * result.recomputed_tokens
     with pytest.raises(ValueError, match="stand_in"):  # the default stand-in is text; this hook has no tokenizer
@@ -234,7 +252,7 @@ def test_selective_recompute_over_exact_kv_changes_nothing(smollm2, docs, strate
     n_cached = len(ids) - uncached
     want = {"cacheblend": round(strategy.recompute_ratio * n_cached),
             "epic": sum(math.ceil(strategy.recompute_ratio * (e - s)) for s, e in spans),
-            "query_aware": sum(round(strategy.recompute_ratio * (e - s)) for s, e in spans),
+            "query_aware": round(strategy.recompute_ratio * n_cached),
             "full_reuse": 0}[strategy.name]
     assert result.recomputed_tokens == want + uncached > 0
     # the (token, layer) work: every token in the full layers, the gradual steps' larger sets, then the rest
