@@ -223,7 +223,7 @@ def _kv_geometry(model: Any) -> tuple[int, int]:
     return cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
-def generate_rag(hook: Any, documents: Sequence[Any], question: Any, strategy: Any = "cacheblend",
+def generate_rag(hook: Any, documents: Sequence[Any], question: Any, strategy: Any = "query_aware",
                  recompute_ratio: float = 0.15, preamble: Any = None, keep_cache: bool = False,
                  document_context: str = "stand_in", stand_in: Any = None, **generate_kwargs: Any) -> RAGResult:
     """See `KVMW.generate_rag`. `strategy` is a name (with `recompute_ratio`) or a `BlendStrategy`."""

@@ -102,17 +102,17 @@ class KVMW:
         self.store.close()
 
     # ---- RAG: position-independent documents (kvmw.blending) ----------------------------
-    def generate_rag(self, documents: Any, question: Any, strategy: str = "cacheblend",
+    def generate_rag(self, documents: Any, question: Any, strategy: str = "query_aware",
                      recompute_ratio: float = 0.15, preamble: Any = None, keep_cache: bool = False,
                      document_context: str = "stand_in", stand_in: Any = None, **generate_kwargs: Any) -> Any:
         """Answer `question` over `documents` (strings or token lists), reusing each
         document's stored KV at whatever offset and order it has in this prompt.
 
-        Strategies: "full_prefill" (no reuse, the baseline), "full_reuse" (no
-        recomputation), "cacheblend" (recompute the `recompute_ratio` share of
-        document tokens whose KV deviates most at the check layer), "epic"
-        (recompute each document's first tokens) and "query_aware" (recompute
-        windows around the tokens the question attends to in a probe pass).
+        Strategies: "query_aware" (the default: recompute the `recompute_ratio`
+        share of document tokens in windows around those the question attends to
+        in a probe pass), "cacheblend" (those whose KV deviates most at the check
+        layer), "epic" (each document's first tokens), "full_reuse" (no
+        recomputation) and "full_prefill" (no reuse, the baseline).
 
         Unseen documents are prefilled and stored, computed after
         (`document_context`): the preamble then a stand-in document ("stand_in",
