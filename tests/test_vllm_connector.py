@@ -17,6 +17,7 @@ import torch
 from kvmw.integrations.vllm.paged_layout import (
     CPUPagedLayout,
     StandardPagedLayout,
+    probe_cpu_offsets,
     slots_for_tokens,
 )
 from kvmw.integrations.vllm.plan import Planner, StepPlan
@@ -80,22 +81,67 @@ def test_layout_gather_and_scatter_match_a_per_token_reference_loop(layout_cls, 
         assert written == 2 * len(slots) * h * d  # no slot written twice or missed
 
 
+def _amx_offsets(bs, d):
+    """vLLM's AMX bf16 page, as seen on this project's AMX machines: K as [D/2, block, 2],
+    V as [block/2, D, 2] (pairs of channels / of tokens side by side)."""
+    o, dd = torch.arange(bs)[:, None], torch.arange(d)[None]
+    return (dd // 2) * (2 * bs) + 2 * o + dd % 2, bs * d + (o // 2) * (2 * d) + 2 * dd + o % 2
+
+
+def _kernel_writing_at(k_off, v_off, bs, h, d):
+    """A write kernel (vLLM's signature) placing each token's K/V at the given page offsets."""
+    def write(key, value, k_cache, v_cache, slots):
+        for t, s in enumerate(slots.tolist()):  # a pure-logic stand-in, one token at a time
+            b, o = divmod(s, bs)
+            k_cache[b].view(h, bs * d)[:, k_off[o]] = key[t]
+            v_cache[b].view(h, bs * d)[:, v_off[o] - bs * d] = value[t]
+    return write
+
+
+def test_a_packed_cpu_page_is_read_off_the_write_kernel():
+    bs, h, d, nblocks = 32, 3, 8, 12
+    k_off, v_off = _amx_offsets(bs, d)
+    write = _kernel_writing_at(k_off, v_off, bs, h, d)
+    offsets = probe_cpu_offsets(write, bs, h, d, torch.bfloat16)
+    assert torch.equal(offsets[0], k_off) and torch.equal(offsets[1], v_off)
+    layout = CPUPagedLayout(bs, h, d, offsets=offsets)
+    torch.manual_seed(0)
+    for slots in _slot_cases(bs, nblocks):
+        layer = torch.randn(nblocks, h, bs, 2 * d).to(torch.bfloat16)
+        pages = layer.view(nblocks, h, 2 * bs * d)
+        got = layout.gather(layer, slots)
+        for i, s in enumerate(slots.tolist()):  # per token, through the offsets
+            b, o = divmod(s, bs)
+            assert torch.equal(got[0, i], pages[b, :, k_off[o]]) and torch.equal(got[1, i], pages[b, :, v_off[o]])
+        new = torch.randn(2, len(slots), h, d).to(torch.bfloat16)
+        by_kernel = layer.clone()
+        write(new[0], new[1], *by_kernel.view(nblocks, h, 2 * bs, d).chunk(2, dim=2), slots)
+        layout.scatter(layer, slots, new)
+        assert torch.equal(layer, by_kernel)  # the torch paths write what the kernel writes, nothing else
+    # a kernel that writes two channels to one place has no table: refused
+    assert probe_cpu_offsets(_kernel_writing_at(k_off // 2 * 2, v_off, bs, h, d), bs, h, d, torch.bfloat16) is None
+
+
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_scatter_through_vllms_write_kernel_equals_the_torch_path(dtype):
-    from kvmw.integrations.vllm.connector import _checked_cpu_write_kernel
+    """On this machine's ISA (AVX: the plain page; AMX with bf16: a packed page read off
+    the kernel), the kernel's writes and the torch path's agree and read back."""
+    from kvmw.integrations.vllm.connector import _checked_cpu_layout
 
     bs, h, d, nblocks = 32, 3, 64, 12
-    kernel = _checked_cpu_write_kernel(CPUPagedLayout(bs, h, d), dtype)
-    assert kernel is not None
+    layout = _checked_cpu_layout(CPUPagedLayout(bs, h, d), dtype)
+    assert layout.write_kernel is not None
+    torch_path = CPUPagedLayout(bs, h, d, offsets=layout.offsets)
     torch.manual_seed(0)
     for slots in _slot_cases(bs, nblocks):
         layer = torch.randn(nblocks, h, bs, 2 * d).to(dtype)
         kv = torch.randn(2, len(slots), h, d).to(dtype)
         by_torch, by_kernel = layer.clone(), layer.clone()
-        CPUPagedLayout(bs, h, d).scatter(by_torch, slots, kv)
-        CPUPagedLayout(bs, h, d, write_kernel=kernel).scatter(by_kernel, slots, kv)
+        torch_path.scatter(by_torch, slots, kv)
+        layout.scatter(by_kernel, slots, kv)
         assert torch.equal(by_torch, by_kernel)
+        assert torch.equal(layout.gather(by_kernel, slots), kv)
 
 
 def test_slots_for_tokens_follow_the_block_table():

@@ -67,7 +67,8 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from kvmw.config import KVMWConfig
 from kvmw.errors import BlobError, ConfigError
 from kvmw.integrations.vllm.model_identity import fingerprint_for_vllm
-from kvmw.integrations.vllm.paged_layout import CPUPagedLayout, PagedLayout, layout_for, slots_for_tokens
+from kvmw.integrations.vllm.paged_layout import (CPUPagedLayout, PagedLayout, layout_for, probe_cpu_offsets,
+                                                  slots_for_tokens)
 from kvmw.integrations.vllm.plan import LoadSpec, Planner, SaveSpec, StepPlan
 from kvmw.keys import KeySpace
 from kvmw.quantizers.common import Workspace
@@ -306,7 +307,7 @@ class KVMWConnector(KVConnectorBase_V1):
         backend = "CPU_ATTN" if sample.device.type == "cpu" else "gpu"
         self._layout = layout_for(backend, self.block_size, fp.num_kv_heads, fp.head_dim)
         if isinstance(self._layout, CPUPagedLayout):
-            self._layout.write_kernel = _checked_cpu_write_kernel(self._layout, sample.dtype)
+            self._layout = _checked_cpu_layout(self._layout, sample.dtype)
         log.info("kvmw: %d layers, page layout %s, cache %s %s", len(kv_caches), self._layout.name,
                  tuple(sample.shape), sample.dtype)
 
@@ -459,31 +460,41 @@ class KVMWConnector(KVConnectorBase_V1):
             pass
 
 
-def _checked_cpu_write_kernel(layout: CPUPagedLayout, dtype: torch.dtype) -> Any:
-    """Write known K/V through vLLM's own CPU cache-write kernel into a scratch
-    cache and read them back with our layout: a vLLM build whose page interior
-    differs (another ISA) is refused at start rather than serving wrong KV. The
-    checked kernel is returned for the layout's scatters (None: not a CPU build)."""
+def _checked_cpu_layout(layout: CPUPagedLayout, dtype: torch.dtype) -> CPUPagedLayout:
+    """The CPU page layout vLLM's own cache-write kernel really writes, with that kernel
+    set for the scatters. Known K/V are written into a scratch cache and read back with
+    the layout; where that fails (another ISA: AMX packs bf16 pages otherwise) the
+    layout is read off the kernel (`probe_cpu_offsets`) and checked the same way, and a
+    page no table describes is refused at start rather than served as wrong KV.
+    Not a CPU build of vLLM: the layout as it was, no kernel."""
     try:
         from vllm import _custom_ops as ops
         from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
     except ImportError:  # not a CPU build
-        return None
+        return layout
     bs, h, d = layout.block_size, layout.num_kv_heads, layout.head_dim
     isa = _get_attn_isa(dtype, bs, d, "auto")
 
     def write(key, value, k_cache, v_cache, slots):
         ops.cpu_attn_reshape_and_cache(key, value, k_cache, v_cache, slots, isa)
 
-    scratch = torch.zeros(3, h, bs, 2 * d, dtype=dtype)
-    t = bs + bs // 2 + 1
-    g = torch.Generator().manual_seed(0)
-    key = torch.randn(t, h, d, generator=g).to(dtype)
-    value = torch.randn(t, h, d, generator=g).to(dtype)
-    slots = torch.cat([torch.arange(bs, 2 * bs), torch.arange(0, t - bs)])  # block 1 whole, then block 0
-    write(key, value, *scratch.view(3, h, 2 * bs, d).chunk(2, dim=2), slots)
-    got = layout.gather(scratch, slots)
-    if not (torch.equal(got[0], key) and torch.equal(got[1], value)):
-        raise ConfigError(f"vLLM's CPU KV page layout (isa {isa}) is not the one kvmw knows; "
-                          "refusing to load or store KV")
-    return write
+    def reads_back(candidate: CPUPagedLayout) -> bool:
+        scratch = torch.zeros(3, h, bs, 2 * d, dtype=dtype)
+        t = bs + bs // 2 + 1
+        g = torch.Generator().manual_seed(0)
+        key = torch.randn(t, h, d, generator=g).to(dtype)
+        value = torch.randn(t, h, d, generator=g).to(dtype)
+        slots = torch.cat([torch.arange(bs, 2 * bs), torch.arange(0, t - bs)])  # block 1 whole, then block 0
+        write(key, value, *scratch.view(3, h, 2 * bs, d).chunk(2, dim=2), slots)
+        got = candidate.gather(scratch, slots)
+        return torch.equal(got[0], key) and torch.equal(got[1], value)
+
+    if not reads_back(layout):
+        offsets = probe_cpu_offsets(write, bs, h, d, dtype)
+        layout = CPUPagedLayout(bs, h, d, offsets=offsets)
+        if offsets is None or not reads_back(layout):
+            raise ConfigError(f"vLLM's CPU KV page layout (isa {isa}) is not one kvmw can read; "
+                              "refusing to load or store KV")
+        log.info("kvmw: vLLM's CPU page layout (isa %s) read off its write kernel", isa)
+    layout.write_kernel = write
+    return layout

@@ -103,6 +103,12 @@ class PagedLayout(ABC):
 class CPUPagedLayout(PagedLayout):
     """vLLM's CPU attention backend: page = K as [D, block] then V as [block, D].
 
+    That is the vec/AVX ISAs' page; others pack it otherwise (AMX for bf16: K as
+    [D/2, block, 2], V as [block/2, D, 2]). `offsets`, when given, is where each
+    (token in block, channel) of K and of V sits in a head's page, ([block, D],
+    [block, D]) read off vLLM's own write kernel (`probe_cpu_offsets`); every path
+    then goes through those tables.
+
     `write_kernel(key [T, H, D], value, k_cache, v_cache, slots)`, when set (the
     connector sets vLLM's own cache-write kernel once it has checked that the
     kernel writes what `gather` reads), does the scatters: twice the bandwidth
@@ -110,9 +116,11 @@ class CPUPagedLayout(PagedLayout):
 
     name = "CPU_ATTN"
 
-    def __init__(self, block_size: int, num_kv_heads: int, head_dim: int, write_kernel: Any = None) -> None:
+    def __init__(self, block_size: int, num_kv_heads: int, head_dim: int, write_kernel: Any = None,
+                 offsets: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         super().__init__(block_size, num_kv_heads, head_dim)
         self.write_kernel = write_kernel
+        self.offsets = offsets
 
     def scatter(self, layer: torch.Tensor, slots: torch.Tensor, kv: torch.Tensor) -> None:
         if self.write_kernel is None:
@@ -128,6 +136,9 @@ class CPUPagedLayout(PagedLayout):
         bs, h, d = self.block_size, self.num_kv_heads, self.head_dim
         pages = self._pages(layer).index_select(0, blocks)  # [n, H, 2*bs*D]
         n = pages.shape[0]
+        if self.offsets is not None:  # [n, H, bs*D] in (token, channel) order, then [2, n*bs, H, D]
+            k, v = (pages[..., off.reshape(-1).to(pages.device)].view(n, h, bs, d) for off in self.offsets)
+            return torch.stack([k, v]).permute(0, 1, 3, 2, 4).reshape(2, n * bs, h, d)
         out = torch.empty(2, n, bs, h, d, dtype=layer.dtype, device=layer.device)
         out[0].copy_(pages[..., : bs * d].view(n, h, d, bs).permute(0, 3, 1, 2))
         out[1].copy_(pages[..., bs * d:].view(n, h, bs, d).permute(0, 2, 1, 3))
@@ -138,6 +149,12 @@ class CPUPagedLayout(PagedLayout):
         # staging pages (vLLM hands out blocks in descending runs, so no slice view fits)
         bs, h, d = self.block_size, self.num_kv_heads, self.head_dim
         n, pages = blocks.numel(), self._pages(layer)
+        if self.offsets is not None:
+            hh = torch.arange(h, device=pages.device)[None, :, None]
+            for i, off in enumerate(self.offsets):
+                pages[blocks[:, None, None], hh, off.reshape(-1).to(pages.device)[None, None]] = (
+                    kv[i].view(n, bs, h, d).permute(0, 2, 1, 3).reshape(n, h, bs * d))
+            return
         pages[..., : bs * d].view(-1, h, d, bs)[blocks] = kv[0].view(n, bs, h, d).permute(0, 2, 3, 1)
         pages[..., bs * d:].view(-1, h, bs, d)[blocks] = kv[1].view(n, bs, h, d).permute(0, 2, 1, 3)
 
@@ -146,6 +163,9 @@ class CPUPagedLayout(PagedLayout):
         b = (slots // bs)[:, None, None]
         o = (slots % bs)[:, None, None]
         hh = torch.arange(self.num_kv_heads, device=slots.device)[None, :, None]
+        if self.offsets is not None:
+            k_off, v_off = (off.to(slots.device) for off in self.offsets)
+            return b, hh, k_off[o[:, 0, 0]][:, None, :], v_off[o[:, 0, 0]][:, None, :]
         dd = torch.arange(d, device=slots.device)[None, None, :]
         return b, hh, dd * bs + o, bs * d + o * d + dd  # K at d*bs+o, V at bs*D + o*D + d
 
@@ -195,6 +215,43 @@ class StandardPagedLayout(PagedLayout):
         half = layer.shape[-1] // 2
         layer[b, :, o, : self.head_dim] = kv[0]
         layer[b, :, o, half: half + self.head_dim] = kv[1]
+
+
+def probe_cpu_offsets(write: Any, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Where a CPU write kernel `write(key, value, k_cache, v_cache, slots)` puts each
+    (token in block, channel) of K and of V in a head's page: ([block, D], [block, D])
+    offsets, or None when what it writes is not one value per page position (a layout
+    no table describes). Four writes of one block, each coding the token or the channel
+    (plus 1, so 0 is "not written") into K or into V; bf16 holds these integers exactly."""
+    bs, h, d = block_size, num_kv_heads, head_dim
+    token = (torch.arange(bs)[:, None, None] + 1).expand(bs, h, d).to(dtype)
+    channel = (torch.arange(d)[None, None, :] + 1).expand(bs, h, d).to(dtype)
+    zero = torch.zeros(bs, h, d, dtype=dtype)
+
+    def page(key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        scratch = torch.zeros(1, h, 2 * bs, d, dtype=dtype)
+        write(key.contiguous(), value.contiguous(), *scratch.chunk(2, dim=2), torch.arange(bs))
+        return scratch.view(h, 2 * bs * d).float()
+
+    tables = []
+    for coded in ((token, zero), (zero, token)), ((channel, zero), (zero, channel)):
+        tables.append([page(*pair) for pair in coded])  # [K, V] pages of this coding
+    out = []
+    for side in (0, 1):
+        t, c = tables[0][side], tables[1][side]  # [H, 2*bs*D] token codes, channel codes
+        if not torch.equal(t[0], t[-1]) or not torch.equal((t > 0), (c > 0)) or int((t[0] > 0).sum()) != bs * d:
+            return None
+        at = (t[0] > 0).nonzero().squeeze(1)
+        offsets = torch.full((bs, d), -1, dtype=torch.long)
+        offsets[t[0, at].long() - 1, c[0, at].long() - 1] = at
+        if (offsets < 0).any():
+            return None
+        out.append(offsets)
+    k_off, v_off = out
+    if torch.cat([k_off.reshape(-1), v_off.reshape(-1)]).unique().numel() != 2 * bs * d:
+        return None
+    return k_off, v_off
 
 
 def layout_for(backend_name: str, block_size: int, num_kv_heads: int, head_dim: int) -> PagedLayout:
