@@ -356,6 +356,25 @@ def test_second_request_gets_its_prefix_from_kvmw_with_identical_tokens(engine, 
 
 @needs_vllm
 @pytest.mark.vllm
+def test_bf16_pages_of_this_cpus_isa_come_back_with_identical_tokens(model_path, prompts):
+    """bf16 KV: on AMX CPUs vLLM packs these pages otherwise (read off its write kernel at
+    start); a prefix reused through kvmw gives the tokens of a bf16 engine without it."""
+    from kvmw.integrations.vllm.harness import EngineProcess, connector_config
+
+    a = prompts["A"]
+    bf16 = {"dtype": "bfloat16", "max_num_batched_tokens": 256, "num_gpu_blocks_override": 48, "max_model_len": 1408}
+    with EngineProcess(model_path, bf16) as eng:
+        ref = _gen(eng, [a])[0]["tokens"]
+    cfg = connector_config(chunk_size=CS, codec="none", tiers=["cpu"], cache_salt="")
+    with EngineProcess(model_path, {**bf16, "kv_transfer_config": cfg}) as eng:
+        cold, warm = _gen(eng, [a])[0], _gen(eng, [a])[0]
+        worker = eng.stats()["worker"]
+    assert warm["cached"] == 4 * CS and worker["tokens_loaded"] == 4 * CS and worker["load_failures"] == 0
+    assert cold["tokens"] == ref and warm["tokens"] == ref
+
+
+@needs_vllm
+@pytest.mark.vllm
 def test_partial_prefix_and_chunked_prefill(engine, prompts, reference):
     _gen(engine, [prompts["A"]])  # A's chunks are stored (idempotent if the test above ran)
     b = _gen(engine, [prompts["B"]])[0]
