@@ -84,13 +84,14 @@ class LlamaLikeAdapter:
         (at `kv_positions`, 0..N-1; when S == N the queries are every position in order)."""
         cos_sin = self.body.rotary_emb(hidden, positions.reshape(1, -1))
         mask = None  # every token at its own position: sdpa's causal path, no mask to build
-        if self.windows[i] or positions.numel() != kv_positions.numel() or not self._bool_masks():
+        bool_masks = self._bool_masks()
+        if self.windows[i] or positions.numel() != kv_positions.numel() or not bool_masks:
             q, k = positions.reshape(-1, 1), kv_positions.reshape(1, -1)
             allowed = k <= q
             if self.windows[i]:
                 allowed &= k > q - self.windows[i]
             mask = allowed[None, None]
-            if not self._bool_masks():  # eager adds the mask to the logits: 0 or the dtype's min
+            if not bool_masks:  # eager adds the mask to the logits: 0 or the dtype's min
                 mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=hidden.device).masked_fill_(
                     ~mask, torch.finfo(hidden.dtype).min)
         return self.layers[i](hidden, attention_mask=mask, position_ids=positions.reshape(1, -1),

@@ -53,20 +53,23 @@ def fact_documents(tok: Any, n: int, doc_tokens: int, rng: random.Random, start:
     documents = []
     for d in range(n):
         ids = tok(essay_text(doc_tokens * 6, start=start + 2 * d), add_special_tokens=False).input_ids
-        sentences = tok.decode(ids[:doc_tokens - 24]).split(". ")
+        sentences = tok.decode(ids[:doc_tokens - 24]).split(". ")  # room for the fact and the tags
         sentences.insert(rng.randrange(1, max(2, len(sentences) - 1)),
                          f"The access code for the {places[d]} office is {codes[d]}")
-        body = ". ".join(sentences)
-        documents.append(tok(f"<document>\n{body}\n</document>\n", add_special_tokens=False).input_ids)
+        documents.append(_document(tok, ". ".join(sentences)))
     return documents, places, codes
 
 
 def stand_in_document(tok: Any, doc_tokens: int) -> list[int]:
-    """A document formatted as `fact_documents`' are, from the last essay (which no document
-    set of the benches reaches) and with no fact: RAG documents' stand-in predecessor
+    """A document formatted as `fact_documents`' are, from the last essay (which the benches'
+    24-question sets do not use) and with no fact: RAG documents' stand-in predecessor
     (`generate_rag(..., document_context="stand_in", stand_in=...)`)."""
     ids = tok(essay(len(essay_paths()) - 1), add_special_tokens=False).input_ids
-    return tok(f"<document>\n{tok.decode(ids[:doc_tokens - 24])}\n</document>\n", add_special_tokens=False).input_ids
+    return _document(tok, tok.decode(ids[:doc_tokens - 24]))
+
+
+def _document(tok: Any, body: str) -> list[int]:
+    return tok(f"<document>\n{body}\n</document>\n", add_special_tokens=False).input_ids
 
 
 def code_question(tok: Any, places: list[str]) -> list[int]:
