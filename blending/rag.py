@@ -75,6 +75,16 @@ class RAGBlender:
         self.model = hook.model
         self.adapter = LlamaLikeAdapter(self.model)
         self.repositioner = Repositioner(self.model)
+        self._context: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, KV) of the last document context
+
+    def context_kv(self, context: torch.Tensor) -> torch.Tensor:
+        """The document context's KV, kept for the next document: every document of a prompt
+        (and of the next ones) is prefilled after the same context, which then runs once."""
+        from kvmw.integrations.hf.capture import capture_kv
+
+        if self._context is None or not torch.equal(self._context[0], context):
+            self._context = (context.clone(), capture_kv(self.model, context))
+        return self._context[1]
 
     # ---- inputs ---------------------------------------------------------------------
     def _ids(self, text_or_ids: Any, special: bool = False) -> torch.Tensor:
@@ -147,7 +157,7 @@ class RAGBlender:
                 hook.store.delete(key)
         result.timings["load"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        kv = capture_kv(self.model, ids if context is None else torch.cat([context, ids]))[:, :, first:]
+        kv = capture_kv(self.model, ids, None if context is None else self.context_kv(context))
         blob = hook.codec.encode(kv.contiguous(), hook.fingerprint.digest, positions=positions,
                                  extra={"kind": "document"})
         hook.store.put(key, blob, cost=float(len(ids)))

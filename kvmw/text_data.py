@@ -60,12 +60,24 @@ def fact_documents(tok: Any, n: int, doc_tokens: int, rng: random.Random, start:
     return documents, places, codes
 
 
-def stand_in_document(tok: Any, doc_tokens: int) -> list[int]:
-    """A document formatted as `fact_documents`' are, from the last essay (which the benches'
-    24-question sets do not use) and with no fact: RAG documents' stand-in predecessor
-    (`generate_rag(..., document_context="stand_in", stand_in=...)`)."""
-    ids = tok(essay(len(essay_paths()) - 1), add_special_tokens=False).input_ids
-    return _document(tok, tok.decode(ids[:doc_tokens - 24]))
+#: essays that no document excerpt of the benches' 24-question sets reaches (each set's
+#: documents start at even essays; an odd one is read only where the even one before it
+#: is shorter than a document)
+STAND_IN_ESSAYS = (48, 45, 43)
+
+
+def stand_in_documents(tok: Any, doc_tokens: int, count: int = 3) -> list[int]:
+    """`count` documents formatted as `fact_documents`' are, from `STAND_IN_ESSAYS` and with
+    no fact: what RAG documents are computed after (`generate_rag(...,
+    document_context="stand_in", stand_in=...)`), so that each one's KV is that of a
+    document deep in a prompt, as a RAG application would take documents of its corpus."""
+    if not 1 <= count <= len(STAND_IN_ESSAYS):
+        raise ValueError(f"stand-in documents: 1 to {len(STAND_IN_ESSAYS)}; got {count}")
+    ids: list[int] = []
+    for index in STAND_IN_ESSAYS[:count]:
+        body = tok(essay(index), add_special_tokens=False).input_ids
+        ids += _document(tok, tok.decode(body[:doc_tokens - 24]))
+    return ids
 
 
 def _document(tok: Any, body: str) -> list[int]:

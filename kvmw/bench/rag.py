@@ -12,8 +12,8 @@ CacheBlend at each `--ratios`, EPIC at the ratio that does the same prefill
 work as each CacheBlend ratio ((token, layer) pairs, fixed at the first task)
 plus any `--epic-ratios`, and query-aware selection at `--query-aware-ratios`.
 With `--document-context stand_in` documents are computed after the preamble and
-a stand-in: another essay excerpt, formatted as the documents are and holding no
-fact, as a RAG application would pick one document of its corpus. Reported per
+a stand-in: `--stand-in-docs` other essay excerpts, formatted as the documents are
+and holding no fact, as a RAG application would pick documents of its corpus. Reported per
 strategy and ratio:
 - `ttft_ratio`: time to first token (documents warm in the CPU tier) over full
   prefill's, summed over tasks; `ttft_ratio_median`: the median of the per-task
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from kvmw.bench.common import machine, print_table, write_json
 from kvmw.text_data import RAG_PREAMBLE as PREAMBLE
-from kvmw.text_data import code_question, fact_documents, stand_in_document
+from kvmw.text_data import code_question, fact_documents, stand_in_documents
 
 
 def rag_tasks(tok: Any, n: int, docs: int, doc_tokens: int, seed: int = 0,
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     tune_allocator()
     model, tok = load(args.model)
-    stand_in = stand_in_document(tok, args.doc_tokens)  # a document of the corpus, as a RAG app would pick
+    stand_in = stand_in_documents(tok, args.doc_tokens, args.stand_in_docs)  # of the corpus, as a RAG app would pick
     tasks = rag_tasks(tok, args.questions, args.docs, args.doc_tokens, args.seed)
     hook = KVMW(model, tok, KVMWConfig.load(env={}, codec=args.codec), store=TieredStore([CPUTier(8 << 30)]))
     layers = len(model.model.layers)
@@ -182,5 +182,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--document-context", choices=("preamble", "stand_in", "none"), default="stand_in",
                    help="documents are prefilled after the preamble and a stand-in document (default), "
                         "after the preamble, or alone")
+    p.add_argument("--stand-in-docs", type=int, default=3,
+                   help="documents of the stand-in (--document-context stand_in): 1 to 3")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="")
