@@ -384,3 +384,21 @@ def test_a_corrupt_stored_document_is_prefilled_again(smollm2, docs):
                             **GEN)
     assert out.documents_prefilled == 1 and out.documents_loaded == {"cpu": 2}
     assert torch.equal(out.sequences, ref.sequences)
+
+
+def test_bench_stand_in_documents_come_from_essays_no_question_set_reads(smollm2):
+    """The bench's stand-in (`stand_in_documents`) is `count` fact-free documents formatted as
+    the questions' documents, from essays that no document of the 24-question sets reaches."""
+    from kvmw.bench.rag import rag_tasks
+    from kvmw.text_data import stand_in_documents
+
+    _, tok = smollm2
+    one, three = stand_in_documents(tok, 512, 1), stand_in_documents(tok, 512, 3)
+    assert three[:len(one)] == one and tok.decode(three).count("<document>") == 3
+    assert "access code" not in tok.decode(three)
+    bodies = [part.split("</document>")[0].strip()[:300] for part in tok.decode(three).split("<document>")[1:]]
+    for seed in (0, 1, 2):
+        text = "".join(tok.decode(d) for t in rag_tasks(tok, 24, 4, 512, seed) for d in t["documents"])
+        assert not any(body in text for body in bodies)
+    with pytest.raises(ValueError, match="stand-in"):
+        stand_in_documents(tok, 512, 4)
