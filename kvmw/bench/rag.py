@@ -12,9 +12,9 @@ CacheBlend at each `--ratios`, EPIC at the ratio that does the same prefill
 work as each CacheBlend ratio ((token, layer) pairs, fixed at the first task)
 plus any `--epic-ratios`, and query-aware selection at `--query-aware-ratios`.
 With `--document-context stand_in` documents are computed after the preamble and
-a stand-in: `--stand-in-docs` other essay excerpts, formatted as the documents are
-and holding no fact, as a RAG application would pick documents of its corpus. Reported per
-strategy and ratio:
+a stand-in: `--stand-in-docs` other essay excerpts, formatted as the documents
+are and holding no fact, as a RAG application would pick documents of its
+corpus. Reported per strategy and ratio:
 - `ttft_ratio`: time to first token (documents warm in the CPU tier) over full
   prefill's, summed over tasks; `ttft_ratio_median`: the median of the per-task
   ratios (robust to a process paused mid-measurement on a shared machine);
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from kvmw.bench.common import machine, print_table, write_json
 from kvmw.text_data import RAG_PREAMBLE as PREAMBLE
-from kvmw.text_data import code_question, fact_documents, stand_in_documents
+from kvmw.text_data import STAND_IN_ESSAYS, code_question, fact_documents, stand_in_documents
 
 
 def rag_tasks(tok: Any, n: int, docs: int, doc_tokens: int, seed: int = 0,
@@ -182,7 +182,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--document-context", choices=("preamble", "stand_in", "none"), default="stand_in",
                    help="documents are prefilled after the preamble and a stand-in document (default), "
                         "after the preamble, or alone")
-    p.add_argument("--stand-in-docs", type=int, default=3,
-                   help="documents of the stand-in (--document-context stand_in): 1 to 3")
+    p.add_argument("--stand-in-docs", type=int, default=3, choices=range(1, len(STAND_IN_ESSAYS) + 1),
+                   help="documents of the stand-in (--document-context stand_in)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="")
