@@ -59,3 +59,27 @@ def test_demo_runs_cold_warm_and_restarted_phases_with_identical_answers():
     assert tiers == ["none", "cpu", "cpu", "disk", "disk", "disk", "redis", "redis", "redis"]
     warm = [r for r in rows if r[0] != "none"]
     assert all(r[2] == "256" and r[5] == "yes" for r in warm)  # 4 chunks of 64 reused, same answer
+
+
+def test_bench_rag_writes_the_issue_keys_per_strategy_and_ratio(tmp_path):
+    """`kvmw bench rag` on SmolLM2: the issue's keys for every strategy and ratio asked for,
+    full prefill as its own baseline, and no CacheBlend run when `--ratios` names none."""
+    out = tmp_path / "rag.json"
+    res = _kvmw("bench", "rag", "--questions", "2", "--doc-tokens", "96", "--ratios", "0.3",
+                "--query-aware-ratios", "0.15", "1.0", "--steps", "4", "--json", str(out))
+    assert res.returncode == 0, res.stdout + res.stderr
+    rag = json.loads(out.read_text())["rag"]
+    assert set(rag) == {"full_prefill", "full_reuse", "cacheblend", "epic", "query_aware"}
+    assert set(rag["query_aware"]) == {"0.15", "1"} and set(rag["cacheblend"]) == {"0.3"}
+    for ratios in rag.values():
+        for cell in ratios.values():
+            assert cell["ttft_ratio"] > 0 and 0 <= cell["accuracy"] <= 1 and 0 <= cell["agreement"] <= 1
+    assert rag["full_prefill"]["1"]["ttft_ratio"] == 1 and rag["full_prefill"]["1"]["agreement"] == 1
+    assert rag["query_aware"]["1"]["agreement"] == 1  # everything recomputed: full prefill's answer
+    assert rag["full_reuse"]["0"]["work"] < rag["query_aware"]["0.15"]["work"] < rag["query_aware"]["1"]["work"]
+    assert "x full prefill" in res.stdout
+
+    none = _kvmw("bench", "rag", "--questions", "1", "--doc-tokens", "64", "--ratios", "--query-aware-ratios",
+                 "--steps", "2", "--json", str(out))
+    assert none.returncode == 0, none.stdout + none.stderr
+    assert set(json.loads(out.read_text())["rag"]) == {"full_prefill", "full_reuse"}

@@ -171,7 +171,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--docs", type=int, default=4)
     p.add_argument("--doc-tokens", type=int, default=512)
     p.add_argument("--questions", type=int, default=24)
-    p.add_argument("--ratios", nargs="+", type=float, default=[0.15], help="CacheBlend recompute ratios")
+    p.add_argument("--ratios", nargs="*", type=float, default=[0.15],
+                   help="CacheBlend recompute ratios (none: no CacheBlend run)")
     p.add_argument("--epic-ratios", nargs="*", type=float, default=[],
                    help="EPIC ratios besides those matching each CacheBlend ratio's prefill work")
     p.add_argument("--query-aware-ratios", nargs="*", type=float, default=[0.15],
