@@ -8,9 +8,9 @@ document rotating through every position, first to last), so the cached
 documents are reused at other offsets; every third question asks for the codes
 of two documents. Per set the documents are stored once (CPU tier), then per
 question every strategy answers: full prefill (the baseline), full reuse,
-CacheBlend at each `--ratios`, EPIC at the ratio that does the same prefill
-work as each CacheBlend ratio ((token, layer) pairs, fixed at the first task)
-plus any `--epic-ratios`, and query-aware selection at `--query-aware-ratios`.
+CacheBlend at each `--ratios` (none: no CacheBlend), EPIC at the ratio that
+does the same prefill work as each CacheBlend ratio ((token, layer) pairs, fixed
+at the first task) plus any `--epic-ratios`, and query-aware selection at `--query-aware-ratios`.
 With `--document-context stand_in` documents are computed after the preamble and
 a stand-in: `--stand-in-docs` other essay excerpts, formatted as the documents
 are and holding no fact, as a RAG application would pick documents of its
