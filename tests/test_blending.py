@@ -343,8 +343,12 @@ def test_documents_computed_after_a_stand_in_document(smollm2, docs, monkeypatch
     stand_in = dict(preamble=pre, document_context="stand_in")
     ref = hook.generate_rag(docs, QUESTION, strategy="full_prefill", preamble=pre, **GEN)
     runs: list[bool] = []  # per capture_kv call: did it run over a given past KV?
-    monkeypatch.setattr(capture, "capture_kv", lambda m, ids, past=None: runs.append(past is not None)
-                        or capture_kv(m, ids, past))
+
+    def counted(m, ids, past=None):
+        runs.append(past is not None)
+        return capture_kv(m, ids, past)
+
+    monkeypatch.setattr(capture, "capture_kv", counted)
     first = hook.generate_rag(docs, QUESTION, strategy="full_reuse", **stand_in, **GEN)
     assert first.documents_prefilled == 3
     assert runs == [False, True, True, True]  # the context once, then each document over its KV
