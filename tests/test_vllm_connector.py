@@ -232,6 +232,22 @@ def test_planner_partial_hits_short_prompts_preemption_and_finish():
         Planner(100, 32, store.lookup)
 
 
+def test_a_failed_load_reports_every_block_it_did_not_fill():
+    from kvmw.integrations.vllm.plan import LoadSpec
+
+    cs, bs = 128, 32
+    # tokens 64..511 of a 4-chunk prefix: vLLM's prefix cache held blocks 0-1 (inside chunk 0)
+    spec = LoadSpec("r", ["k0", "k1", "k2", "k3"], 0, 64, 512, 2, list(range(102, 116)))
+    assert spec.after_failure(4, cs, bs) == (512, [])
+    # the first chunk fails: every block of the load is recomputed, none before it, and nothing is written
+    assert spec.after_failure(0, cs, bs) == (64, list(range(102, 116)))
+    assert spec.after_failure(1, cs, bs) == (128, list(range(104, 116)))  # chunk 0 loaded, 1-3 not
+    # a load ending mid-chunk (one prompt token left to compute): the cut block stays in the load
+    tail = LoadSpec("r", ["k2", "k3"], 2, 256, 500, 8, list(range(40, 48)))
+    assert tail.after_failure(2, cs, bs) == (500, [])
+    assert tail.after_failure(1, cs, bs) == (384, list(range(44, 48)))
+
+
 # ---- a real engine --------------------------------------------------------------------------------
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -273,6 +289,7 @@ def prompts(model_path):
         "P": [text[8000 + 500 * i: 8000 + 500 * i + 440] for i in range(4)],  # a batch that preempts
         "R": text[10000:10000 + 4 * CS + 21],  # the Redis / int8 engine's prompt
         "S": text[11000:11000 + 3 * CS + 9],  # the Redis engine's dead-Redis prompt
+        "Y": doc[:64] + text[12000:12000 + 150],  # shares A's first two blocks, not a chunk
     }
 
 
@@ -479,6 +496,86 @@ def test_a_prefix_stored_by_vllm_is_a_hit_for_the_hf_hook(engine, smollm2, promp
     assert hook.stats()["tokens_reused"] == 5 * CS and hook.stats()["bytes_loaded"]["disk"] > 0
     assert torch.equal(out, plain)
     hook.close()
+
+
+# ---- vLLM's prefix cache on (its default), kvmw beneath it ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pc_engine(model_path):
+    """vLLM's default: its own prefix cache answers first, kvmw fills what it lost (CPU tier).
+    48 blocks of 32 tokens, so vLLM's cache evicts while requests run."""
+    from kvmw.integrations.vllm.harness import EngineProcess, connector_config
+
+    cfg = connector_config(chunk_size=CS, codec="none", tiers=["cpu"], cache_salt="")
+    with EngineProcess(model_path, {"kv_transfer_config": cfg, "enable_prefix_caching": True,
+                                    "max_num_batched_tokens": 256, "num_gpu_blocks_override": 48,
+                                    "max_model_len": 1408}) as eng:
+        yield eng
+
+
+def _worker(eng):
+    return eng.stats()["worker"]
+
+
+@needs_vllm
+@pytest.mark.vllm
+def test_prefix_caching_on_every_prompt_gives_the_reference_tokens(pc_engine, prompts, reference):
+    """Cold, warm (vLLM's hit or kvmw's), a batch, preemption: the tokens of vLLM without kvmw."""
+    singles = [prompts[k] for k in ("A", "B", "G", "F", "R", "S", "short")]
+    for _ in range(2):
+        for p in singles:
+            assert _gen(pc_engine, [p])[0]["tokens"] == reference[tuple(p)]
+        for p, o in zip(prompts["batch"], _gen(pc_engine, prompts["batch"])):
+            assert o["tokens"] == reference[tuple(p)]
+    before = pc_engine.stats()["scheduler"]["readmitted"]
+    for p, o in zip(prompts["P"], pc_engine.generate(prompts["P"], max_tokens=PREEMPT_GEN)):
+        assert o["tokens"] == reference[("long",) + tuple(p)]
+    assert pc_engine.stats()["scheduler"]["readmitted"] > before
+
+
+@needs_vllm
+@pytest.mark.vllm
+def test_prefix_caching_on_a_hit_splits_between_vllms_cache_and_kvmw(pc_engine, prompts, reference):
+    a, b = prompts["A"], prompts["B"]
+    _gen(pc_engine, [a])  # A's 4 chunks in kvmw
+    assert pc_engine.call("reset_prefix_cache")["reset"]
+    w0 = _worker(pc_engine)
+    out = _gen(pc_engine, [a])[0]  # vLLM's cache is empty: all of it from kvmw
+    w1 = _worker(pc_engine)
+    assert out["cached"] == 4 * CS and w1["tokens_loaded"] - w0["tokens_loaded"] == 4 * CS
+    assert out["tokens"] == reference[tuple(a)]
+    assert pc_engine.call("reset_prefix_cache")["reset"]
+    _gen(pc_engine, [b])  # vLLM now holds B's blocks: A's first two chunks
+    w2 = _worker(pc_engine)
+    out = _gen(pc_engine, [a])[0]  # chunks 0-1 from vLLM's cache, 2-3 from kvmw
+    w3 = _worker(pc_engine)
+    assert out["cached"] == 4 * CS and w3["tokens_loaded"] - w2["tokens_loaded"] == 2 * CS
+    assert out["tokens"] == reference[tuple(a)]
+
+
+@needs_vllm
+@pytest.mark.vllm
+def test_prefix_caching_on_a_first_chunk_failing_mid_chunk_is_recomputed_whole(pc_engine, prompts, reference):
+    """vLLM's cache holds A's first two blocks (inside kvmw's chunk 0), kvmw's chunk 0 is
+    corrupt: every block of the load (tokens 64-511) is reported and recomputed."""
+    a = prompts["A"]
+    _gen(pc_engine, [a])
+    assert pc_engine.call("reset_prefix_cache")["reset"]
+    _gen(pc_engine, [prompts["Y"]])  # vLLM caches A's first 64 tokens
+    assert pc_engine.call("corrupt", prompt=a, chunk=0)["tiers"] == ["cpu"]
+    w0 = _worker(pc_engine)
+    out = _gen(pc_engine, [a])[0]
+    w1 = _worker(pc_engine)
+    assert out["tokens"] == reference[tuple(a)]
+    assert w1["load_failures"] - w0["load_failures"] == 1
+    assert w1["blocks_recomputed"] - w0["blocks_recomputed"] == (4 * CS - 64) // 32
+    assert w1["tokens_loaded"] == w0["tokens_loaded"]
+    assert w1["chunks_stored"] - w0["chunks_stored"] == 4  # recomputed, then stored again
+    assert pc_engine.call("reset_prefix_cache")["reset"]
+    again = _gen(pc_engine, [a])[0]
+    assert again["cached"] == 4 * CS and again["tokens"] == reference[tuple(a)]
+    assert _worker(pc_engine)["tokens_loaded"] - w1["tokens_loaded"] == 4 * CS
 
 
 # ---- int8 through Redis, and a Redis that dies mid-load ---------------------------------------------

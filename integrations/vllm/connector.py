@@ -154,6 +154,8 @@ class ConnectorStats:
     chunks_loaded: int = 0
     tokens_loaded: int = 0
     load_failures: int = 0
+    #: blocks reported to vLLM as not loaded (it recomputes them)
+    blocks_recomputed: int = 0
     chunks_stored: int = 0
     save_steps: int = 0
     readmitted: int = 0
@@ -267,9 +269,10 @@ class KVMWConnector(KVConnectorBase_V1):
         plan = StepPlan()
         sched = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
-            prompt = new.prompt_token_ids or []
-            ks = self._keyspace(None)
-            self.planner.new_request(new.req_id, lambda: ks.prefix_keys(prompt), len(prompt),
+            # Every request is keyed at its lookup, with its cache salt. One never looked up
+            # has no salt here (NewRequestData carries none): it gets no keys rather than
+            # another tenant's.
+            self.planner.new_request(new.req_id, list, len(new.prompt_token_ids or []),
                                      new.block_ids[0], new.num_computed_tokens, sched.get(new.req_id, 0), plan)
         cached = scheduler_output.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):
@@ -360,15 +363,13 @@ class KVMWConnector(KVConnectorBase_V1):
             n_loaded += 1
             self.stats.bytes_loaded[tier] += memoryview(blob).nbytes
         base = spec.first_chunk * cs
-        loaded_end = min(spec.end, base + n_loaded * cs)
-        if loaded_end < spec.end:  # the rest did not load: vLLM must recompute those blocks
+        loaded_end, bad_blocks = spec.after_failure(n_loaded, cs, self.block_size)
+        if bad_blocks:  # the rest did not load: vLLM must recompute those blocks
             self.stats.load_failures += 1
-            bs = self.block_size
-            first_bad_block = loaded_end // bs  # a partly loaded block is recomputed whole
-            self._invalid_blocks.update(spec.block_ids[first_bad_block - spec.first_block:])
+            self.stats.blocks_recomputed += len(bad_blocks)
+            self._invalid_blocks.update(bad_blocks)
             self._failed_reqs[spec.req_id] = min(self._failed_reqs.get(spec.req_id, 1 << 30),
-                                                 loaded_end // cs)
-            loaded_end = first_bad_block * bs
+                                                 spec.first_chunk + n_loaded)
         if loaded_end > spec.start:
             slots = slots_for_tokens(spec.block_ids, spec.first_block, spec.start, loaded_end, self.block_size)
             self._pending.append((slots, buf[:, :, spec.start - base: loaded_end - base]))

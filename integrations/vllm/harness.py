@@ -226,6 +226,10 @@ class _Child:
                 return {"armed": True}
         return {"armed": False}
 
+    def reset_prefix_cache(self) -> dict[str, Any]:
+        """Empty vLLM's own prefix cache (kvmw's tiers keep theirs)."""
+        return {"reset": bool(self.llm.reset_prefix_cache())}
+
     def flush(self) -> dict[str, Any]:
         return {"flushed": self._store().flush(60)}
 

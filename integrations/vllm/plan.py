@@ -30,6 +30,18 @@ class LoadSpec:
     first_block: int
     block_ids: list[int]
 
+    def after_failure(self, loaded_chunks: int, chunk_size: int, block_size: int) -> tuple[int, list[int]]:
+        """When only the first `loaded_chunks` chunks loaded: (the end of the tokens that
+        may be written, from `start`; the blocks vLLM must recompute). A block the
+        loaded KV covers only in part is recomputed whole. The load may begin inside
+        its first chunk (vLLM's own prefix cache held the blocks before `start`): a
+        failure there still reports every block of this load, never one before it."""
+        loaded_end = min(self.end, (self.first_chunk + loaded_chunks) * chunk_size)
+        if loaded_end >= self.end:
+            return self.end, []
+        first_bad = max(loaded_end // block_size, self.first_block)
+        return max(self.start, first_bad * block_size), self.block_ids[first_bad - self.first_block:]
+
 
 @dataclass
 class SaveSpec:
