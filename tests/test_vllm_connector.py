@@ -248,6 +248,39 @@ def test_a_failed_load_reports_every_block_it_did_not_fill():
     assert tail.after_failure(1, cs, bs) == (384, list(range(44, 48)))
 
 
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+def test_connector_stats_report_increments_and_reach_prometheus_per_tier():
+    import functools
+
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+    from kvmw.integrations.vllm.stats import Increments, KVMWConnectorStats, KVMWPromMetrics
+
+    inc = Increments()
+    first = inc.take({"tokens_loaded": 256, "tier_hits|cpu": 2, "load_failures": 0})
+    assert first.data == {"tokens_loaded": 256, "tier_hits|cpu": 2}
+    assert inc.take({"tokens_loaded": 256, "tier_hits|cpu": 2, "load_failures": 0}) is None  # nothing new
+    second = inc.take({"tokens_loaded": 384, "tier_hits|cpu": 2, "tier_hits|disk": 1})
+    assert second.data == {"tokens_loaded": 128, "tier_hits|disk": 1}
+    total = KVMWConnectorStats(dict(first.data)).aggregate(second)  # worker + scheduler, or two steps
+    assert total.reduce() == {"tier_hits|cpu": 2, "tier_hits|disk": 1, "tokens_loaded": 384}
+    assert KVMWConnectorStats({"lookups": 0}).is_empty() and not total.is_empty()
+
+    class _Cfg:
+        kv_transfer_config = None
+
+    reg = CollectorRegistry()
+    types = {cls: functools.partial(cls, registry=reg) for cls in (Gauge, Counter, Histogram)}
+    prom = KVMWPromMetrics(_Cfg(), types, ["engine"], {0: ["0"], 1: ["1"]})
+    prom.observe(total.data, engine_idx=1)
+    prom.observe({"tier_seconds|redis|get": 0.5, "unknown|x": 3.0}, engine_idx=0)
+    text = generate_latest(reg).decode()
+    assert 'kvmw:tokens_loaded_total{engine="1"} 384.0' in text
+    assert 'kvmw:tier_hits_total{engine="1",tier="disk"} 1.0' in text
+    assert 'kvmw:tier_seconds_total{engine="0",op="get",tier="redis"} 0.5' in text
+    assert "unknown" not in text
+
+
 # ---- a real engine --------------------------------------------------------------------------------
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None

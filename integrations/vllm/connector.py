@@ -70,6 +70,7 @@ from kvmw.integrations.vllm.model_identity import fingerprint_for_vllm
 from kvmw.integrations.vllm.paged_layout import (CPUPagedLayout, PagedLayout, layout_for, probe_cpu_offsets,
                                                   slots_for_tokens)
 from kvmw.integrations.vllm.plan import LoadSpec, Planner, SaveSpec, StepPlan
+from kvmw.integrations.vllm.stats import TIER_COUNTERS, TIER_SECONDS, Increments, KVMWConnectorStats, KVMWPromMetrics
 from kvmw.keys import KeySpace
 from kvmw.quantizers.common import Workspace
 
@@ -205,6 +206,8 @@ class KVMWConnector(KVConnectorBase_V1):
         self._keyspaces: dict[str, KeySpace] = {}
         self.stats = ConnectorStats()
         ACTIVE[role_name] = self
+        self._increments = Increments()
+        self._tier_seconds: dict[str, float] = defaultdict(float)
         if role == KVConnectorRole.SCHEDULER:
             if ktc.kv_load_failure_policy != "recompute":
                 # kvmw is a cache: a chunk that does not load is recomputed, never a failed request
@@ -223,6 +226,7 @@ class KVMWConnector(KVConnectorBase_V1):
             self._invalid_blocks: set[int] = set()
             self._stored_keys: list[str] = []
             self._load_started = False
+            self.store.add_latency_observer(self._observe_tier_call)
         log.info("kvmw connector (%s): chunk %d, codec %s, tiers %s, model %s", role_name,
                  self.config.chunk_size, self.config.codec, self.config.tiers, self.fingerprint.digest)
 
@@ -234,6 +238,35 @@ class KVMWConnector(KVConnectorBase_V1):
         if ks is None:
             ks = self._keyspaces[salt] = KeySpace(self.fingerprint, self.config.chunk_size, salt)
         return ks
+
+    # ---- stats (vLLM's log line and /metrics; see stats.py) -----------------------------------
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVMWConnectorStats:
+        return KVMWConnectorStats(dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: "VllmConfig", metric_types: dict[type, type], labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> KVMWPromMetrics:
+        return KVMWPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+    def _observe_tier_call(self, tier: str, op: str, seconds: float) -> None:
+        self._tier_seconds[f"{TIER_SECONDS}|{tier}|{op}"] += seconds
+
+    def get_kv_connector_stats(self) -> KVMWConnectorStats | None:
+        """What this side counted since its last report (the scheduler its lookups,
+        the worker its loads, stores and tier traffic)."""
+        s = self.stats
+        if self._role == KVConnectorRole.SCHEDULER:
+            return self._increments.take({"lookups": s.lookups, "hit_tokens": s.hit_tokens})
+        now: dict[str, float] = {name: getattr(s, name) for name in (
+            "chunks_loaded", "tokens_loaded", "load_failures", "blocks_recomputed", "chunks_stored",
+            "load_seconds", "save_seconds")}
+        for tier in self.store.tiers:
+            counters = tier.counters.as_dict()
+            for name in TIER_COUNTERS:
+                now[f"{name}|{tier.name}"] = counters[name.removeprefix("tier_")]
+        now.update(self._tier_seconds)
+        return self._increments.take(now)
 
     # ==== scheduler side =========================================================================
     def _lookup(self, keys: list[str]) -> int:

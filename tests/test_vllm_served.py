@@ -1,0 +1,160 @@
+"""kvmw beneath vLLM's OpenAI server as users run it: the default multi-process
+layout (API server, engine core, worker), vLLM's prefix cache on, requests from
+the `openai` client, some of them concurrent; then restarted servers that answer
+from the disk tier alone and from Redis alone.
+
+One server for the module (plus the two restarts). The server gets 96 blocks of
+32 tokens, so four ~1,000-token contexts do not fit vLLM's own cache together and
+their repeats come from kvmw. ``--enforce-eager`` only shortens the start (34 s
+against ~110 s with torch.compile on these 2 cores); kvmw's path is the same.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed"),
+]
+
+CS = 128
+N_CONTEXTS = 4
+SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "2048", "--block-size", "32", "--enforce-eager",
+               "--num-gpu-blocks-override", "96", "--enable-prompt-tokens-details"]
+
+
+@pytest.fixture(scope="module")
+def model_path():
+    from kvmw.integrations.hf.models import is_installed, model_dir
+
+    if not is_installed("smollm2"):
+        pytest.fail("SmolLM2 is not installed: run `make models`")
+    return str(model_dir("smollm2"))
+
+
+@pytest.fixture(scope="module")
+def contexts(model_path):
+    """Four token-id prompts of 1,000-1,060 tokens (7-8 full chunks each)."""
+    from transformers import AutoTokenizer
+
+    from kvmw.text_data import essay_text
+
+    ids = AutoTokenizer.from_pretrained(model_path)(essay_text(60000)).input_ids
+    return [ids[3000 * i: 3000 * i + 1000 + 20 * i] for i in range(N_CONTEXTS)]
+
+
+@pytest.fixture(scope="module")
+def redis_proc(tmp_path_factory):
+    from kvmw.storage_tiers.redis_server import RedisProcess
+
+    proc = RedisProcess(workdir=str(tmp_path_factory.mktemp("served-redis"))).start()
+    yield proc
+    proc.kill()
+
+
+@pytest.fixture(scope="module")
+def kvmw_settings(tmp_path_factory, redis_proc):
+    return {"chunk_size": CS, "tiers": ["cpu", "disk", "redis"], "redis_url": redis_proc.url,
+            "disk_path": str(tmp_path_factory.mktemp("served-disk"))}
+
+
+def _server(model_path, kvmw, tmp_path_factory, name):
+    from kvmw.integrations.vllm.openai_server import OpenAIServer
+
+    log = tmp_path_factory.mktemp("served-logs") / f"{name}.log"
+    return OpenAIServer(model_path, kvmw, SERVER_ARGS, env={"VLLM_SERVER_DEV_MODE": "1"}, log_path=log)
+
+
+@pytest.fixture(scope="module")
+def server(model_path, kvmw_settings, tmp_path_factory):
+    srv = _server(model_path, kvmw_settings, tmp_path_factory, "first").start()
+    yield srv
+    srv.stop()
+
+
+def _ask(srv, prompt):
+    """Greedy completion through the openai client: (text, cached prompt tokens)."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=300)
+    r = client.completions.create(model=client.models.list().data[0].id, prompt=prompt, max_tokens=12,
+                                  temperature=0)
+    details = r.usage.prompt_tokens_details
+    return r.choices[0].text, (details.cached_tokens or 0) if details else 0
+
+
+def _settled(srv, name, at_least, timeout=10.0):
+    """A /metrics counter once it reaches `at_least` (stats arrive with the engine's
+    outputs, a step or two after the reply), else its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = srv.metrics().get(name, 0.0)
+        if value >= at_least or time.monotonic() > deadline:
+            return value
+        time.sleep(0.2)
+
+
+def _full_chunks(prompt):
+    return (len(prompt) // CS) * CS
+
+
+@pytest.fixture(scope="module")
+def cold_answers(server, contexts):
+    """Each context once, one at a time: kvmw has nothing yet, so these are vLLM's own answers."""
+    answers = []
+    for p in contexts:
+        text, cached = _ask(server, p)
+        assert cached == 0
+        answers.append(text)
+    return answers
+
+
+def test_served_repeats_come_from_kvmw_with_unchanged_answers(server, contexts, cold_answers):
+    stored = _settled(server, "kvmw:chunks_stored_total", sum(len(p) // CS for p in contexts))
+    assert stored == sum(len(p) // CS for p in contexts)  # every full chunk of every context, once
+    assert server.reset_prefix_cache()  # vLLM forgets: every repeat is kvmw's
+    before = server.metrics()
+    for p, want in zip(contexts, cold_answers):
+        text, cached = _ask(server, p)
+        assert text == want and cached == _full_chunks(p)
+    loaded = _settled(server, "kvmw:tokens_loaded_total",
+                      before.get("kvmw:tokens_loaded_total", 0) + sum(map(_full_chunks, contexts)))
+    assert loaded - before.get("kvmw:tokens_loaded_total", 0) == sum(map(_full_chunks, contexts))
+    after = server.metrics()
+    assert after['vllm:prompt_tokens_by_source_total{source="external_kv_transfer"}'] - before[
+        'vllm:prompt_tokens_by_source_total{source="external_kv_transfer"}'] == sum(map(_full_chunks, contexts))
+    assert after['kvmw:tier_hits_total{tier="cpu"}'] - before.get('kvmw:tier_hits_total{tier="cpu"}', 0) == sum(
+        len(p) // CS for p in contexts)
+    assert after["kvmw:load_failures_total"] == before.get("kvmw:load_failures_total", 0)
+
+
+def test_served_concurrent_requests_give_the_answers_of_one_at_a_time(server, contexts, cold_answers):
+    """All four at once: vLLM's 96 blocks cannot hold them together, so some prefixes come
+    from vLLM's cache, some from kvmw, some split between the two."""
+    with ThreadPoolExecutor(len(contexts)) as pool:
+        got = list(pool.map(lambda p: _ask(server, p), contexts))
+    assert [text for text, _ in got] == cold_answers
+    assert all(cached >= _full_chunks(p) for p, (_, cached) in zip(contexts, got))
+
+
+@pytest.mark.parametrize("tier", ["disk", "redis"])
+def test_a_restarted_server_answers_from_one_lower_tier(server, model_path, kvmw_settings, tmp_path_factory,
+                                                        contexts, cold_answers, tier):
+    """A new server whose only tiers are its (empty) CPU tier and `tier`: every full
+    chunk of every context comes from `tier`, answers unchanged."""
+    server.stop()  # its worker flushes the lower-tier writes on the way out
+    settings = {**kvmw_settings, "tiers": ["cpu", tier]}
+    with _server(model_path, settings, tmp_path_factory, f"restart-{tier}") as again:
+        for p, want in zip(contexts, cold_answers):
+            text, cached = _ask(again, p)
+            assert text == want and cached == _full_chunks(p)
+        chunks = sum(len(p) // CS for p in contexts)
+        assert _settled(again, f'kvmw:tier_hits_total{{tier="{tier}"}}', chunks) == chunks
+        m = again.metrics()
+        assert m["kvmw:tokens_loaded_total"] == sum(map(_full_chunks, contexts))
+        assert m["kvmw:chunks_stored_total"] == 0  # nothing recomputed, nothing stored again
