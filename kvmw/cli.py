@@ -8,7 +8,7 @@ import sys
 
 BENCHES = {"tiers": "kvmw.bench.tiers", "codecs": "kvmw.bench.codecs", "prefix": "kvmw.bench.prefix",
            "server": "kvmw.bench.server", "rag": "kvmw.bench.rag", "eviction": "kvmw.bench.eviction",
-           "vllm": "kvmw.bench.vllm"}
+           "vllm": "kvmw.bench.vllm", "serve": "kvmw.bench.serve"}
 
 
 def _bench_module(name: str):

@@ -74,8 +74,14 @@ class KVMWConfig:
     write_queue: int = 64
     #: Seconds an unhealthy tier is skipped before the first retry; doubles up to 60 s.
     retry_backoff: float = 1.0
+    #: vLLM: bytes of gathered KV the worker's background saver may hold queued; a step
+    #: whose chunks would pass it drops them (counted) rather than wait.
+    save_queue_bytes: int = 1 << 30
+    #: vLLM: seconds the scheduler gives remote tiers (redis, server) to answer a lookup,
+    #: over later steps; past it the request goes on with what the local tiers hold.
+    lookup_timeout: float = 0.1
 
-    _SIZE_FIELDS = ("gpu_capacity", "cpu_capacity", "disk_capacity", "redis_part_size")
+    _SIZE_FIELDS = ("gpu_capacity", "cpu_capacity", "disk_capacity", "redis_part_size", "save_queue_bytes")
 
     def __post_init__(self) -> None:
         for name in self._SIZE_FIELDS:

@@ -40,6 +40,9 @@ class Tier(ABC):
     write-through thread call it concurrently."""
 
     name: str = "tier"
+    #: reached over the network (Redis, kvmw server): a call may take up to the socket
+    #: timeout, so engines never make it on their step
+    remote: bool = False
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity

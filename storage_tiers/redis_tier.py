@@ -33,6 +33,7 @@ _MULTI_HDR = struct.Struct("<4sIQ")
 
 class RedisTier(Tier):
     name = "redis"
+    remote = True
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", prefix: str = "kvmw:",
                  ttl: int = 0, part_size: int = 4 << 20, timeout: float = 2.0,

@@ -140,10 +140,13 @@ class TieredStore:
             self.guarded(tier, "delete", key)
             return False
 
-    def contains(self, keys: Sequence[str]) -> list[bool]:
-        """Presence in any tier; one batched call (one round trip) per tier."""
+    def contains(self, keys: Sequence[str], remote: bool | None = None) -> list[bool]:
+        """Presence in any tier; one batched call (one round trip) per tier.
+        `remote`: True asks only the remote tiers, False only the others, None all."""
         present = [False] * len(keys)
         for tier in self.tiers:
+            if remote is not None and tier.remote != remote:
+                continue
             todo = [i for i, p in enumerate(present) if not p]
             if not todo:
                 break
@@ -153,28 +156,34 @@ class TieredStore:
                     present[i] = present[i] or bool(f)
         return present
 
-    def prefix_hits(self, keys: Sequence[str]) -> int:
-        """How many leading keys of a prefix chain are stored somewhere."""
+    @property
+    def has_remote(self) -> bool:
+        return any(t.remote for t in self.tiers)
+
+    def prefix_hits(self, keys: Sequence[str], remote: bool | None = None) -> int:
+        """How many leading keys of a prefix chain are stored somewhere (`remote` as in `contains`)."""
         n = 0
-        for p in self.contains(keys):
+        for p in self.contains(keys, remote):
             if not p:
                 break
             n += 1
         return n
 
     # ---- writes -----------------------------------------------------------------------
-    def put(self, key: str, blob: BytesLike, cost: float = 1.0) -> None:
-        """Store in the top tier now and in the lower tiers in the background."""
+    def put(self, key: str, blob: BytesLike, cost: float = 1.0) -> bool:
+        """Store in the highest healthy tier now and in the tiers below it in the
+        background. False when that tier refused it and no lower write was queued,
+        or every tier is down: nothing to do, the next request recomputes."""
         for i, tier in enumerate(self.tiers):
-            ok, _ = self.guarded(tier, "put", key, blob, cost)
+            ok, took = self.guarded(tier, "put", key, blob, cost)
             if ok:
-                self._enqueue(key, blob, cost, self.tiers[i + 1:])
-                return
-        # no tier took it (all down): nothing to do, the next request recomputes
+                queued = self._enqueue(key, blob, cost, self.tiers[i + 1:])
+                return took is not False or queued
+        return False
 
-    def _enqueue(self, key: str, blob: BytesLike, cost: float, tiers: list[Tier]) -> None:
+    def _enqueue(self, key: str, blob: BytesLike, cost: float, tiers: list[Tier]) -> bool:
         if not tiers or self._closed:
-            return
+            return False
         with self._lock:  # noted before queueing, so the writer always finds the entry
             self._seq += 1
             seq = self._seq
@@ -191,9 +200,10 @@ class TieredStore:
                     entry[0] = previous
                 if entry[1] <= 0:
                     self._pending.pop(key, None)
-            return
+            return False
         with self._lock:
             self.counts["queued_writes"] += 1
+        return True
 
     def _drain(self) -> None:
         while True:

@@ -157,7 +157,7 @@ class FakeStore:
         self.stored = set(stored)
         self.calls = 0
 
-    def lookup(self, keys):
+    def lookup(self, req_id, keys):
         self.calls += 1
         n = 0
         for k in keys:
@@ -281,6 +281,70 @@ def test_connector_stats_report_increments_and_reach_prometheus_per_tier():
     assert "unknown" not in text
 
 
+def test_remote_lookups_answer_at_once_when_quick_and_never_wait_past_the_deadline():
+    import threading
+    import time
+
+    from kvmw.integrations.vllm.lookup import RemoteLookups
+
+    gate = threading.Event()
+    gate.set()
+    held = {"k0", "k1"}
+
+    def contains(keys):
+        gate.wait()
+        return [k in held for k in keys]
+
+    lk = RemoteLookups(contains, timeout=0.5, wait=0.1)
+    try:
+        assert lk.leading("a", ["k0", "k1", "k2"]) == 2  # answered within `wait`: same call
+        gate.clear()  # the remote hangs
+        t0 = time.monotonic()
+        assert lk.leading("b", ["k0"]) is None  # not yet: vLLM asks again later
+        assert time.monotonic() - t0 >= 0.09  # waited `wait` once (nothing had stalled before)
+        while (n := lk.leading("b", ["k0"])) is None:
+            time.sleep(0.01)
+        assert n == 0 and lk.timed_out == 1  # past the deadline: no remote hit
+        assert 0.5 <= time.monotonic() - t0 < 2.0
+        t1 = time.monotonic()
+        assert lk.leading("c", ["k0"]) is None and time.monotonic() - t1 < 0.09  # stalled: no waiting
+        gate.set()
+        while (n := lk.leading("c", ["k0"])) is None:
+            time.sleep(0.01)
+        assert n == 1 and lk.answered == 2
+    finally:
+        gate.set()  # never leave a pool thread hanging at exit
+        lk.close()
+
+
+def test_the_background_saver_never_blocks_and_drops_past_its_byte_bound():
+    import threading
+
+    from kvmw.integrations.vllm.saver import BackgroundSaver, SaveJob
+
+    gate = threading.Event()
+    got = []
+
+    def store_chunk(key, index, kv):
+        gate.wait()
+        got.append((key, index, float(kv[0, 0, 0, 0, 0])))
+        return key != "bad"
+
+    kv = torch.arange(2 * 2 * 8 * 1 * 1, dtype=torch.float32).view(2, 2, 8, 1, 1)  # two chunks of 4 tokens
+    saver = BackgroundSaver(store_chunk, chunk_size=4, max_bytes=kv.numel() * 4 * 2)
+    assert saver.submit(SaveJob(["a", "b"], 3, kv))  # taken by the thread, which then hangs
+    assert saver.submit(SaveJob(["c", "bad"], 5, kv.clone()))
+    assert saver.submit(SaveJob(["d", "e"], 7, kv.clone())) is False  # past max_bytes: dropped
+    assert saver.dropped == 2 and saver.flush(0.2) is False  # nothing blocked on the hang
+    gate.set()
+    assert saver.flush(10)
+    assert [k for k, _, _ in got] == ["a", "b", "c", "bad"]
+    assert [(i, v) for _, i, v in got[:2]] == [(3, 0.0), (4, 4.0)]  # chunk j of the job is its kv[:, :, 4j:]
+    assert saver.take_stored() == ["a", "b", "c"] and saver.take_stored() == []
+    assert (saver.stored, saver.failed) == (3, 1)
+    saver.close()
+
+
 # ---- a real engine --------------------------------------------------------------------------------
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -323,6 +387,8 @@ def prompts(model_path):
         "R": text[10000:10000 + 4 * CS + 21],  # the Redis / int8 engine's prompt
         "S": text[11000:11000 + 3 * CS + 9],  # the Redis engine's dead-Redis prompt
         "Y": doc[:64] + text[12000:12000 + 150],  # shares A's first two blocks, not a chunk
+        "T": text[13000:13000 + 3 * CS + 9],  # the hanging-Redis engine's prompts
+        "U": text[14000:14000 + 3 * CS + 9],
     }
 
 
@@ -663,3 +729,61 @@ def test_redis_dying_mid_load_ends_in_recomputation(redis_engine, private_redis,
     assert redis_engine.stats()["worker"]["load_failures"] == before + 1
     later = _gen(redis_engine, [s])[0]  # Redis stays down: misses, full prefill
     assert later["cached"] == 0 and later["tokens"] == reference[tuple(s)]
+
+
+# ---- a Redis that hangs: the engine's steps never wait on it -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hanging_redis(tmp_path_factory):
+    import signal
+
+    from kvmw.storage_tiers.redis_server import RedisProcess
+
+    proc = RedisProcess(workdir=str(tmp_path_factory.mktemp("hanging-redis"))).start()
+    yield proc
+    if proc.proc is not None:
+        proc.proc.send_signal(signal.SIGCONT)
+    proc.kill()
+
+
+@pytest.fixture(scope="module")
+def remote_engine(model_path, hanging_redis):
+    from kvmw.integrations.vllm.harness import EngineProcess, connector_config
+
+    cfg = connector_config(chunk_size=CS, codec="none", tiers=["cpu", "redis"], redis_url=hanging_redis.url,
+                           remote_timeout=2.0, lookup_timeout=0.1, cache_salt="")
+    with EngineProcess(model_path, {"kv_transfer_config": cfg, "max_num_batched_tokens": 256,
+                                    "num_gpu_blocks_override": 96, "max_model_len": 1536}) as eng:
+        yield eng
+
+
+@needs_vllm
+@pytest.mark.vllm
+def test_a_hanging_redis_costs_a_request_the_lookup_deadline_not_its_timeout(remote_engine, hanging_redis,
+                                                                             prompts, reference):
+    """Redis answers 2 s late (SIGSTOP; the tier's socket timeout is 2 s): a request's lookup
+    gives up after lookup_timeout (0.1 s), its stores go on off the step, and the CPU tier
+    still serves its repeat."""
+    import signal
+
+    t, u = prompts["T"], prompts["U"]
+    cold_t, seconds_t = remote_engine.timed_generate([t], max_tokens=GEN)
+    assert cold_t[0]["tokens"] == reference[tuple(t)]
+    assert remote_engine.call("flush")["flushed"]  # T is in Redis too
+    remote_engine.call("clear", tier="cpu")
+    warm = _gen(remote_engine, [t])[0]  # only Redis has T: the remote part of the lookup answers
+    assert warm["cached"] == 3 * CS and warm["tokens"] == reference[tuple(t)]
+    assert remote_engine.stats()["worker"]["bytes_loaded"]["redis"] > 0
+    hanging_redis.proc.send_signal(signal.SIGSTOP)
+    try:
+        outs, seconds_u = remote_engine.timed_generate([u], max_tokens=GEN)
+        sched = remote_engine.stats()["scheduler"]
+        again = _gen(remote_engine, [u])[0]
+    finally:
+        hanging_redis.proc.send_signal(signal.SIGCONT)
+    assert outs[0]["tokens"] == reference[tuple(u)] and outs[0]["cached"] == 0
+    assert sched["lookup_timeouts"] == 1
+    # same length as T's cold run; one Redis call on the step would have added 2 s
+    assert seconds_u < seconds_t + 1.0, (seconds_u, seconds_t)
+    assert again["cached"] == 3 * CS and again["tokens"] == reference[tuple(u)]  # the CPU tier took U

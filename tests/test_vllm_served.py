@@ -158,3 +158,32 @@ def test_a_restarted_server_answers_from_one_lower_tier(server, model_path, kvmw
         m = again.metrics()
         assert m["kvmw:tokens_loaded_total"] == sum(map(_full_chunks, contexts))
         assert m["kvmw:chunks_stored_total"] == 0  # nothing recomputed, nothing stored again
+
+
+def test_two_servers_on_one_kvmw_serve_hit_what_the_other_stored(server, model_path, contexts, cold_answers,
+                                                                  tmp_path_factory):
+    """Two vLLM servers (three processes each) over one `kvmw serve` (the `server` tier
+    beneath each one's CPU tier): what the first computed, the second loads, answers unchanged."""
+    from tests.test_server import ServerProcess
+
+    server.stop()
+    kv = ServerProcess(tmp_path_factory.mktemp("shared-kvmw-serve") / "disk").start()
+    settings = {"chunk_size": CS, "tiers": ["cpu", "server"], "server_url": kv.url}
+    first, second = (_server(model_path, settings, tmp_path_factory, name) for name in ("share-a", "share-b"))
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda s: s.start(), (first, second)))
+        chunks = sum(len(p) // CS for p in contexts)
+        for p, want in zip(contexts, cold_answers):
+            assert _ask(first, p) == (want, 0)
+        # the first server's worker writes to `kvmw serve` in the background, off its steps
+        assert _settled(first, 'kvmw:tier_puts_total{tier="server"}', chunks, timeout=30) == chunks
+        for p, want in zip(contexts, cold_answers):
+            assert _ask(second, p) == (want, _full_chunks(p))
+        m = second.metrics()
+        assert _settled(second, 'kvmw:tier_hits_total{tier="server"}', chunks) == chunks
+        assert m["kvmw:chunks_stored_total"] == 0 and m["kvmw:load_failures_total"] == 0
+    finally:
+        first.stop()
+        second.stop()
+        kv.stop()

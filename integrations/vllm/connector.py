@@ -69,7 +69,9 @@ from kvmw.errors import BlobError, ConfigError
 from kvmw.integrations.vllm.model_identity import fingerprint_for_vllm
 from kvmw.integrations.vllm.paged_layout import (CPUPagedLayout, PagedLayout, layout_for, probe_cpu_offsets,
                                                   slots_for_tokens)
+from kvmw.integrations.vllm.lookup import RemoteLookups
 from kvmw.integrations.vllm.plan import LoadSpec, Planner, SaveSpec, StepPlan
+from kvmw.integrations.vllm.saver import BackgroundSaver, SaveJob
 from kvmw.integrations.vllm.stats import TIER_COUNTERS, TIER_SECONDS, Increments, KVMWConnectorStats, KVMWPromMetrics
 from kvmw.keys import KeySpace
 from kvmw.quantizers.common import Workspace
@@ -151,6 +153,8 @@ def load_config(extra: dict[str, Any] | None) -> KVMWConfig:
 @dataclass
 class ConnectorStats:
     lookups: int = 0
+    #: lookups whose remote tiers had not answered by `lookup_timeout` (counted as misses there)
+    lookup_timeouts: int = 0
     hit_tokens: int = 0
     chunks_loaded: int = 0
     tokens_loaded: int = 0
@@ -158,10 +162,14 @@ class ConnectorStats:
     #: blocks reported to vLLM as not loaded (it recomputes them)
     blocks_recomputed: int = 0
     chunks_stored: int = 0
+    #: chunks not stored because the saver's queue was full
+    dropped_saves: int = 0
     save_steps: int = 0
     readmitted: int = 0
     load_seconds: float = 0.0
     save_seconds: float = 0.0
+    #: seconds the background saver spent encoding and storing (off the step)
+    store_seconds: float = 0.0
     bytes_loaded: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     def as_dict(self) -> dict[str, Any]:
@@ -213,6 +221,8 @@ class KVMWConnector(KVConnectorBase_V1):
                 # kvmw is a cache: a chunk that does not load is recomputed, never a failed request
                 ktc.kv_load_failure_policy = "recompute"
             self.planner = Planner(self.config.chunk_size, self.block_size, self._lookup)
+            self._remote = RemoteLookups(lambda keys: self.store.contains(keys, remote=True),
+                                         self.config.lookup_timeout)
             #: keys the workers reported stored (their process-local tiers are invisible from here)
             self._index: set[str] = set()
         else:
@@ -227,6 +237,7 @@ class KVMWConnector(KVConnectorBase_V1):
             self._stored_keys: list[str] = []
             self._load_started = False
             self.store.add_latency_observer(self._observe_tier_call)
+            self.saver = BackgroundSaver(self._store_chunk, self.config.chunk_size, self.config.save_queue_bytes)
         log.info("kvmw connector (%s): chunk %d, codec %s, tiers %s, model %s", role_name,
                  self.config.chunk_size, self.config.codec, self.config.tiers, self.fingerprint.digest)
 
@@ -257,10 +268,13 @@ class KVMWConnector(KVConnectorBase_V1):
         the worker its loads, stores and tier traffic)."""
         s = self.stats
         if self._role == KVConnectorRole.SCHEDULER:
-            return self._increments.take({"lookups": s.lookups, "hit_tokens": s.hit_tokens})
+            self.stats_dict()
+            return self._increments.take({"lookups": s.lookups, "lookup_timeouts": s.lookup_timeouts,
+                                          "hit_tokens": s.hit_tokens})
+        self.stats_dict()
         now: dict[str, float] = {name: getattr(s, name) for name in (
             "chunks_loaded", "tokens_loaded", "load_failures", "blocks_recomputed", "chunks_stored",
-            "load_seconds", "save_seconds")}
+            "dropped_saves", "load_seconds", "save_seconds", "store_seconds")}
         for tier in self.store.tiers:
             counters = tier.counters.as_dict()
             for name in TIER_COUNTERS:
@@ -269,18 +283,23 @@ class KVMWConnector(KVConnectorBase_V1):
         return self._increments.take(now)
 
     # ==== scheduler side =========================================================================
-    def _lookup(self, keys: list[str]) -> int:
-        """Leading keys stored: one batched call per tier, plus the workers' reports when
-        the worker lives in another process (its CPU tier is not visible from here)."""
-        self.stats.lookups += 1
-        if "worker" in self._entry["roles"]:
-            return self.store.prefix_hits(keys)
-        present = self.store.contains(keys)
+    def _lookup(self, req_id: str, keys: list[str]) -> int | None:
+        """Leading keys stored. The local tiers and, when the worker lives in another
+        process, its reports (its CPU tier is not visible from here) answer at once;
+        the remote tiers on `RemoteLookups`' thread (None: not yet)."""
+        present = self.store.contains(keys, remote=False)
         n = 0
+        shared = "worker" in self._entry["roles"]
         for k, p in zip(keys, present):
-            if not (p or k in self._index):
+            if not (p or (not shared and k in self._index)):
                 break
             n += 1
+        if n < len(keys) and self.store.has_remote:
+            more = self._remote.leading(req_id, keys[n:])
+            if more is None:
+                return None
+            n += more
+        self.stats.lookups += 1
         return n
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -290,6 +309,8 @@ class KVMWConnector(KVConnectorBase_V1):
         ks = self._keyspace(getattr(request, "cache_salt", None))
         n = self.planner.matched_tokens(request.request_id, lambda: ks.prefix_keys(prompt),
                                         request.num_tokens, num_computed_tokens)
+        if n is None:  # a remote tier has not answered yet: vLLM asks again next step
+            return None, False
         self.stats.hit_tokens += n
         self.stats.readmitted = self.planner.readmitted
         return n, False
@@ -325,6 +346,7 @@ class KVMWConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self.planner.finished(request.request_id)
+        self._remote.forget(request.request_id)
         return False, None
 
     # ==== worker side ============================================================================
@@ -448,39 +470,43 @@ class KVMWConnector(KVConnectorBase_V1):
         self.stats.save_seconds += time.perf_counter() - t0
 
     def wait_for_save(self) -> None:
-        """Encode and store the chunks gathered this step (after the forward pass)."""
+        """Hand the chunks gathered this step to the background saver (encoding and
+        the tiers' puts happen there, never on the step)."""
         bufs, self._save_bufs = self._save_bufs, []
         self._load_started = False
         self._pending = []
         if sum(b.numel() * b.element_size() for b in self._load_buffer.buffers.values()) > LOAD_BUFFER_KEEP:
             self._load_buffer.buffers.clear()
-        if not bufs:
-            return
-        t0 = time.perf_counter()
-        cs, digest = self.config.chunk_size, self.fingerprint.digest
-        written: list[str] = []
+        submitted = False
         for spec, _, buf in bufs:
             if spec.req_id in self._failed_reqs:
                 continue  # computed over KV that did not load: never store it
-            for j, key in enumerate(spec.keys):
-                index = spec.first_chunk + j
-                chunk = buf[:, :, j * cs:(j + 1) * cs]
-                blob = self.codec.encode(chunk, digest, positions=torch.arange(index * cs, (index + 1) * cs))
-                self.store.put(key, blob, cost=float((index + 1) * cs))
-                written.append(key)
-        if written:
-            # advertise only what a tier actually took (a failed put is no hit)
-            present = self.store.contains(written)
-            self._stored_keys.extend(k for k, p in zip(written, present) if p)
-            self.stats.chunks_stored += sum(present)
-            self.stats.save_steps += 1
-        self.stats.save_seconds += time.perf_counter() - t0
+            submitted |= self.saver.submit(SaveJob(spec.keys, spec.first_chunk, buf))
+        self.stats.save_steps += submitted
+
+    def _store_chunk(self, key: str, index: int, chunk: torch.Tensor) -> bool:
+        """On the saver's thread: encode chunk `index` (its positions recorded) and store it."""
+        cs = self.config.chunk_size
+        blob = self.codec.encode(chunk, self.fingerprint.digest, positions=torch.arange(index * cs, (index + 1) * cs))
+        return self.store.put(key, blob, cost=float((index + 1) * cs))
+
+    def stats_dict(self) -> dict[str, Any]:
+        """This side's counters, the saver's included (worker)."""
+        remote = getattr(self, "_remote", None)
+        if remote is not None:
+            self.stats.lookup_timeouts = remote.timed_out
+        saver = getattr(self, "saver", None)
+        if saver is not None:
+            self.stats.chunks_stored, self.stats.dropped_saves = saver.stored, saver.dropped
+            self.stats.store_seconds = saver.seconds
+        return self.stats.as_dict()
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         out, self._invalid_blocks = self._invalid_blocks, set()
         return out
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        self._stored_keys.extend(self.saver.take_stored())
         if not self._stored_keys and not self._failed_reqs:
             return None
         meta = KVMWWorkerMetadata(self._stored_keys, self._failed_reqs)
@@ -489,6 +515,8 @@ class KVMWConnector(KVConnectorBase_V1):
 
     def shutdown(self) -> None:
         try:
+            if self._role == KVConnectorRole.WORKER:
+                self.saver.close(10)
             self.store.flush(10)
         except Exception:  # best effort at exit
             pass

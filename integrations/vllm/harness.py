@@ -149,6 +149,9 @@ class _Child:
         t0 = time.perf_counter()
         outs = self.llm.generate(inputs, sp, use_tqdm=False)
         seconds = time.perf_counter() - t0
+        worker = self._connectors().get("worker")
+        if worker is not None:  # stores finish off the step: let them land before the next call
+            worker.saver.flush(60)
         result = []
         for o in outs:
             c = o.outputs[0]
@@ -160,7 +163,7 @@ class _Child:
 
     def stats(self) -> dict[str, Any]:
         act = self._connectors()
-        out = {role: c.stats.as_dict() for role, c in act.items()}
+        out = {role: c.stats_dict() for role, c in act.items()}
         if "worker" in act:
             st = self._store().stats()
             out["store"] = {k: v for k, v in st.items() if k != "tiers"}

@@ -74,9 +74,11 @@ class _Request:
 
 
 class Planner:
-    """`lookup(keys) -> n` answers how many leading keys kvmw holds (one batched call)."""
+    """`lookup(req_id, keys) -> n` answers how many leading keys kvmw holds, or None
+    while it cannot tell yet (a remote tier has not answered): vLLM asks again later."""
 
-    def __init__(self, chunk_size: int, block_size: int, lookup: Callable[[list[str]], int]) -> None:
+    def __init__(self, chunk_size: int, block_size: int,
+                 lookup: Callable[[str, list[str]], int | None]) -> None:
         if chunk_size % block_size:
             raise ValueError(f"chunk_size {chunk_size} is not a multiple of vLLM's block size {block_size}")
         self.chunk_size = chunk_size
@@ -88,9 +90,10 @@ class Planner:
 
     # ---- vLLM: get_num_new_matched_tokens ---------------------------------------------------
     def matched_tokens(self, req_id: str, keys: Callable[[], list[str]], num_tokens: int,
-                       num_computed: int) -> int:
-        """Tokens beyond `num_computed` (vLLM's own hit) that kvmw can fill. At most
-        ``num_tokens - 1``: vLLM must compute at least one token to sample from."""
+                       num_computed: int) -> int | None:
+        """Tokens beyond `num_computed` (vLLM's own hit) that kvmw can fill, or None for
+        "ask again". At most ``num_tokens - 1``: vLLM must compute at least one token
+        to sample from."""
         state = self.requests.get(req_id)
         if state is None:
             state = self.requests[req_id] = _Request(keys=keys(), num_tokens=num_tokens)
@@ -98,7 +101,9 @@ class Planner:
             self.readmitted += 1
             state.block_ids = []
         state.num_tokens = num_tokens
-        hits = self.lookup(state.keys) if state.keys else 0
+        hits = self.lookup(req_id, state.keys) if state.keys else 0
+        if hits is None:
+            return None
         state.stored = hits  # anything past the hits is saved again once computed
         state.local = num_computed
         state.load = None

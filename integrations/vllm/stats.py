@@ -24,14 +24,17 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorProm
 #: unlabelled counters: payload name -> help text
 COUNTERS = {
     "lookups": "Prompt lookups kvmw answered (scheduler)",
+    "lookup_timeouts": "Lookups whose remote tiers did not answer within lookup_timeout (scheduler)",
     "hit_tokens": "Prompt tokens kvmw reported as cached beyond vLLM's own hit (scheduler)",
     "chunks_loaded": "Chunks kvmw wrote into vLLM's pages",
     "tokens_loaded": "Tokens kvmw wrote into vLLM's pages",
     "load_failures": "Loads that ended early (missing, corrupt or unreachable chunk); vLLM recomputed the rest",
     "blocks_recomputed": "Blocks reported to vLLM as not loaded",
     "chunks_stored": "Chunks kvmw encoded and stored",
-    "load_seconds": "Seconds the worker spent fetching, decoding and writing chunks",
-    "save_seconds": "Seconds the worker spent copying, encoding and storing chunks",
+    "dropped_saves": "Chunks not stored because the background saver's queue was full",
+    "load_seconds": "Seconds the worker's steps spent fetching, decoding and writing chunks",
+    "save_seconds": "Seconds the worker's steps spent copying completed chunks out of the pages",
+    "store_seconds": "Seconds the background saver spent encoding and storing chunks (off the step)",
 }
 #: counters labelled by tier: payload name -> help text
 TIER_COUNTERS = {
