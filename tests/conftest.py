@@ -27,6 +27,16 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def model_path() -> str:
+    """The installed SmolLM2 folder (engines load it by path)."""
+    from kvmw.integrations.hf.models import is_installed, model_dir
+
+    if not is_installed("smollm2"):
+        pytest.fail("SmolLM2 is not installed: run `make models`")
+    return str(model_dir("smollm2"))
+
+
+@pytest.fixture(scope="session")
 def tiny_llama():
     """A 2-layer random-weight Llama for millisecond tests of mechanics."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -359,15 +359,6 @@ PREEMPT_GEN = 64  # decode long enough that three running 440-token requests out
 
 
 @pytest.fixture(scope="module")
-def model_path():
-    from kvmw.integrations.hf.models import is_installed, model_dir
-
-    if not is_installed("smollm2"):
-        pytest.fail("SmolLM2 is not installed: run `make models`")
-    return str(model_dir("smollm2"))
-
-
-@pytest.fixture(scope="module")
 def prompts(model_path):
     from transformers import AutoTokenizer
 

@@ -29,15 +29,6 @@ SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "2048", "--block-size", 
 
 
 @pytest.fixture(scope="module")
-def model_path():
-    from kvmw.integrations.hf.models import is_installed, model_dir
-
-    if not is_installed("smollm2"):
-        pytest.fail("SmolLM2 is not installed: run `make models`")
-    return str(model_dir("smollm2"))
-
-
-@pytest.fixture(scope="module")
 def contexts(model_path):
     """Four token-id prompts of 1,000-1,060 tokens (7-8 full chunks each)."""
     from transformers import AutoTokenizer
@@ -49,7 +40,7 @@ def contexts(model_path):
 
 
 @pytest.fixture(scope="module")
-def redis_proc(tmp_path_factory):
+def served_redis(tmp_path_factory):
     from kvmw.storage_tiers.redis_server import RedisProcess
 
     proc = RedisProcess(workdir=str(tmp_path_factory.mktemp("served-redis"))).start()
@@ -58,8 +49,8 @@ def redis_proc(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def kvmw_settings(tmp_path_factory, redis_proc):
-    return {"chunk_size": CS, "tiers": ["cpu", "disk", "redis"], "redis_url": redis_proc.url,
+def kvmw_settings(tmp_path_factory, served_redis):
+    return {"chunk_size": CS, "tiers": ["cpu", "disk", "redis"], "redis_url": served_redis.url,
             "disk_path": str(tmp_path_factory.mktemp("served-disk"))}
 
 
