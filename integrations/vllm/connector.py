@@ -266,12 +266,11 @@ class KVMWConnector(KVConnectorBase_V1):
     def get_kv_connector_stats(self) -> KVMWConnectorStats | None:
         """What this side counted since its last report (the scheduler its lookups,
         the worker its loads, stores and tier traffic)."""
+        self._sync_stats()
         s = self.stats
         if self._role == KVConnectorRole.SCHEDULER:
-            self.stats_dict()
             return self._increments.take({"lookups": s.lookups, "lookup_timeouts": s.lookup_timeouts,
                                           "hit_tokens": s.hit_tokens})
-        self.stats_dict()
         now: dict[str, float] = {name: getattr(s, name) for name in (
             "chunks_loaded", "tokens_loaded", "load_failures", "blocks_recomputed", "chunks_stored",
             "dropped_saves", "load_seconds", "save_seconds", "store_seconds")}
@@ -491,7 +490,11 @@ class KVMWConnector(KVConnectorBase_V1):
         return self.store.put(key, blob, cost=float((index + 1) * cs))
 
     def stats_dict(self) -> dict[str, Any]:
-        """This side's counters, the saver's included (worker)."""
+        """This side's counters, the saver's and the remote lookups' included."""
+        self._sync_stats()
+        return self.stats.as_dict()
+
+    def _sync_stats(self) -> None:
         remote = getattr(self, "_remote", None)
         if remote is not None:
             self.stats.lookup_timeouts = remote.timed_out
@@ -499,7 +502,6 @@ class KVMWConnector(KVConnectorBase_V1):
         if saver is not None:
             self.stats.chunks_stored, self.stats.dropped_saves = saver.stored, saver.dropped
             self.stats.store_seconds = saver.seconds
-        return self.stats.as_dict()
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         out, self._invalid_blocks = self._invalid_blocks, set()
