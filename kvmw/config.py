@@ -66,7 +66,7 @@ class KVMWConfig:
     #: Seconds a Redis entry lives; 0 keeps it until Redis evicts it.
     redis_ttl: int = 0
     #: Blobs larger than this go to Redis as several parts in one transaction.
-    redis_part_size: int = 4 << 20
+    redis_part_size: int = 1 << 20
     server_url: str = "kvmw://127.0.0.1:6380"
     #: Socket timeout (s) for remote tiers; a slower answer counts as a failure.
     remote_timeout: float = 2.0
@@ -80,6 +80,9 @@ class KVMWConfig:
     #: vLLM: seconds the scheduler gives remote tiers (redis, server) to answer a lookup,
     #: over later steps; past it the request goes on with what the local tiers hold.
     lookup_timeout: float = 0.1
+    #: vLLM: seconds an asynchronous load (chunks on a remote tier) may spend reading
+    #: them; past it the request is recomputed instead of waiting on the tier.
+    load_timeout: float = 1.0
 
     _SIZE_FIELDS = ("gpu_capacity", "cpu_capacity", "disk_capacity", "redis_part_size", "save_queue_bytes")
 

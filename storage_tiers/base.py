@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,10 +43,14 @@ class Tier(ABC):
     #: reached over the network (Redis, kvmw server): a call may take up to the socket
     #: timeout, so engines never make it on their step
     remote: bool = False
+    #: held in this process's memory (a put costs a dict insert): hits are promoted into
+    #: it at once; other tiers get their promoted copy on the write-through thread
+    in_memory: bool = False
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.counters = TierCounters()
+        self._evict_observers: list[Callable[[list[str]], None]] = []
 
     @abstractmethod
     def put(self, key: str, blob: BytesLike, cost: float = 1.0) -> bool:
@@ -55,6 +59,10 @@ class Tier(ABC):
 
     @abstractmethod
     def get(self, key: str) -> BytesLike | None: ...
+
+    def get_many(self, keys: Sequence[str]) -> list[BytesLike | None]:
+        """`get` of each key; remote tiers answer in one round trip."""
+        return [self.get(k) for k in keys]
 
     @abstractmethod
     def contains(self, keys: Sequence[str]) -> list[bool]:
@@ -76,6 +84,16 @@ class Tier(ABC):
 
     def close(self) -> None:
         """Release connections/handles; the tier is unusable afterwards."""
+
+    def add_eviction_observer(self, fn: Callable[[list[str]], None]) -> None:
+        """fn(keys) after the tier evicted `keys` to make room (the vLLM scheduler's
+        view of what a worker holds forgets them)."""
+        self._evict_observers.append(fn)
+
+    def _evicted(self, keys: list[str]) -> None:
+        self.counters.evictions += len(keys)
+        for fn in self._evict_observers:
+            fn(keys)
 
     def _hit(self, size: int) -> None:
         self.counters.hits += 1

@@ -75,7 +75,8 @@ class DiskTier(Tier):
             self._index.add(key, mv.nbytes, cost)
         for v in victims:
             _unlink(self.path(v))
-        self.counters.evictions += len(victims)
+        if victims:
+            self._evicted(victims)
         try:
             self._write(final, mv)
         except BaseException:

@@ -17,6 +17,7 @@ from kvmw.storage_tiers.policies import make_policy
 
 class CPUTier(Tier):
     name = "cpu"
+    in_memory = True
 
     def __init__(self, capacity: int, policy: str = "lru") -> None:
         super().__init__(capacity)
@@ -39,11 +40,12 @@ class CPUTier(Tier):
                 return False
             for v in victims:
                 del self._data[v]
-            self.counters.evictions += len(victims)
             self._data[key] = stored
             self._index.add(key, size, cost)
             self.counters.puts += 1
             self.counters.bytes_written += size
+        if victims:
+            self._evicted(victims)
         return True
 
     def get(self, key: str) -> BytesLike | None:

@@ -6,12 +6,14 @@ all parts of one record land in one slot and one transaction):
 - blob <= part_size: the blob itself (it starts with the blob magic ``KVMW``);
 - larger: ``KVMP`` + u32 part count + u64 total length + part 0, and parts
   1..n-1 under ``<prefix>{<key>}#<i>``, all written in one MULTI/EXEC so a
-  reader never sees a record without its parts. Reads fetch part 0, then the
-  other parts in one pipelined round trip; the blob checksum (checked by the
+  reader never sees a record without its parts. Reads of one key or of many
+  fetch the first parts, then all other parts, pipelined up to 4 MiB of
+  replies per round trip; the blob checksum (checked by the
   store) catches a record that was overwritten between the two.
 
-Splitting pays twice on these machines: Redis and hiredis handle 2-4 MiB
-values at ~2 GB/s but 32 MiB values at ~0.6 GB/s, and parts pipeline.
+Splitting pays on these machines (Redis 7, redis-py with hiredis, loopback): a
+5.9 MB blob is put at 0.45 GB/s in 1 MiB parts against 0.29 GB/s in 4 MiB
+parts, and seven of them read at 0.79 GB/s against 0.46 GB/s.
 
 The client is created lazily with short timeouts, so a Redis that is down at
 start or dies mid-run costs one timeout, then the store skips the tier.
@@ -28,7 +30,14 @@ from kvmw.errors import TierError
 from kvmw.storage_tiers.base import BytesLike, Tier
 
 _MULTI = b"KVMP"
+#: replies one pipelined round trip may carry: past ~4 MiB a pipeline's replies read at
+#: ~0.4 GB/s here against 1-1.4 GB/s below it (Redis 7, redis-py with hiredis, loopback)
+PIPELINE_REPLY_BYTES = 4 << 20
 _MULTI_HDR = struct.Struct("<4sIQ")
+
+
+def _is_multi(first: bytes | None) -> bool:
+    return first is not None and first[:4] == _MULTI and len(first) >= _MULTI_HDR.size
 
 
 class RedisTier(Tier):
@@ -36,7 +45,7 @@ class RedisTier(Tier):
     remote = True
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", prefix: str = "kvmw:",
-                 ttl: int = 0, part_size: int = 4 << 20, timeout: float = 2.0,
+                 ttl: int = 0, part_size: int = 1 << 20, timeout: float = 2.0,
                  capacity: int = 0) -> None:
         super().__init__(capacity)  # 0: bounded by Redis' own maxmemory policy
         self.url, self.prefix, self.ttl = url, prefix, ttl
@@ -87,30 +96,56 @@ class RedisTier(Tier):
         return True
 
     def get(self, key: str) -> BytesLike | None:
-        first = self.client.get(self._key(key))
+        return self.get_many([key])[0]
+
+    def get_many(self, keys: Sequence[str]) -> list[BytesLike | None]:
+        """Every key's record: the first parts, then the other parts of the multi-part
+        records, each phase pipelined in round trips of at most `PIPELINE_REPLY_BYTES`
+        of replies (small records: one round trip for many keys)."""
+        if not keys:
+            return []
+        firsts = self._get_pipelined([self._key(k) for k in keys])
+        counts = [_MULTI_HDR.unpack_from(f)[1] if _is_multi(f) else 1 for f in firsts]
+        rest = self._get_pipelined([self._key(k, i) for k, n in zip(keys, counts) for i in range(1, n)])
+        out: list[BytesLike | None] = []
+        at = 0
+        for first, n in zip(firsts, counts):
+            out.append(self._assemble(first, rest[at:at + n - 1]))
+            at += n - 1
+        return out
+
+    def _get_pipelined(self, names: list[str]) -> list[Any]:
+        per_trip = max(1, PIPELINE_REPLY_BYTES // self.part_size)
+        out: list[Any] = []
+        for i in range(0, len(names), per_trip):
+            with self.client.pipeline(transaction=False) as pipe:
+                for name in names[i:i + per_trip]:
+                    pipe.get(name)
+                out.extend(pipe.execute())
+        return out
+
+    def _assemble(self, first: bytes | None, parts: list[bytes | None]) -> BytesLike | None:
+        """One record from its first part and the others (counted as a hit or miss).
+        A record whose lengths disagree comes back as is: the store's blob check
+        rejects and deletes it."""
         if first is None:
             self._miss()
             return None
-        if first[:4] != _MULTI:
+        if not _is_multi(first):
             self._hit(len(first))
             return first
-        if len(first) < _MULTI_HDR.size:
-            return first  # the store's blob check rejects it and deletes the record
-        _, n, total = _MULTI_HDR.unpack_from(first)
-        with self.client.pipeline(transaction=False) as pipe:
-            for i in range(1, n):
-                pipe.get(self._key(key, i))
-            rest = pipe.execute()
-        if any(p is None for p in rest):
+        if any(p is None for p in parts):
             self._miss()  # parts expired or evicted separately: not a whole record
             return None
-        buf = bytearray(total) if total == len(first) - _MULTI_HDR.size + sum(map(len, rest)) else None
-        if buf is None:
-            return first  # lengths disagree: corrupt; the store rejects and deletes
+        total = _MULTI_HDR.unpack_from(first)[2]
+        head = len(first) - _MULTI_HDR.size
+        if total != head + sum(map(len, parts)):
+            return first
+        buf = bytearray(total)
         mv = memoryview(buf)
-        off = len(first) - _MULTI_HDR.size
-        mv[:off] = memoryview(first)[_MULTI_HDR.size:]
-        for p in rest:
+        mv[:head] = memoryview(first)[_MULTI_HDR.size:]
+        off = head
+        for p in parts:
             mv[off:off + len(p)] = p
             off += len(p)
         self._hit(total)

@@ -16,7 +16,7 @@ class ServerTier(RedisTier):
     name = "server"
 
     def __init__(self, url: str = "kvmw://127.0.0.1:6380", prefix: str = "kvmw:", ttl: int = 0,
-                 part_size: int = 4 << 20, timeout: float = 2.0) -> None:
+                 part_size: int = 1 << 20, timeout: float = 2.0) -> None:
         if url.startswith("kvmw://"):
             url = "redis://" + url[len("kvmw://"):]
         super().__init__(url, prefix, ttl, part_size, timeout)

@@ -1,7 +1,10 @@
 """`TieredStore`: ordered tiers, promotion on hit, background write-through.
 
-- `get` asks tiers top-down; the first valid blob is promoted into the tiers
-  above it and returned. Every blob is validated (header, lengths, checksum,
+- `get` asks tiers top-down; the first valid blob is returned and promoted
+  into the tiers above it: at once into in-memory tiers, through the
+  write-through queue into the others (a hit never waits on a disk write or a
+  network put). `fetch_many` does the same for many keys with one batched
+  call per tier. Every blob is validated (header, lengths, checksum,
   model fingerprint) whichever tier it came from; a bad one is deleted from
   that tier, counted, and the search goes on (so a corrupt disk copy can still
   be answered from Redis).
@@ -30,6 +33,8 @@ from kvmw.storage_tiers.base import BytesLike, Tier
 log = logging.getLogger("kvmw.store")
 
 MAX_BACKOFF = 60.0
+#: metrics label of a tier call (a batched read is a get)
+_OP_LABEL = {"get_many": "get"}
 
 
 @dataclass
@@ -93,7 +98,7 @@ class TieredStore:
             with self._lock:
                 h.healthy, h.failures = True, 0
         for obs in self._observers:
-            obs(tier.name, op, time.perf_counter() - t0)
+            obs(tier.name, _OP_LABEL.get(op, op), time.perf_counter() - t0)
         return True, result
 
     def last_error(self, tier: Tier) -> str:
@@ -101,6 +106,12 @@ class TieredStore:
 
     def healthy(self) -> dict[str, bool]:
         return {t.name: self._health[id(t)].healthy for t in self.tiers}
+
+    def add_eviction_observer(self, fn: Any) -> None:
+        """fn(keys) when a tier of this process (memory, disk) evicted `keys`."""
+        for tier in self.tiers:
+            if not tier.remote:
+                tier.add_eviction_observer(fn)
 
     def add_latency_observer(self, fn: Any) -> None:
         """fn(tier_name, op, seconds) after each successful tier call (metrics hook)."""
@@ -113,20 +124,41 @@ class TieredStore:
 
     def fetch(self, key: str, expected_fingerprint: str | None = None) -> tuple[BytesLike | None, str | None]:
         """Like `get`, plus the name of the tier that answered."""
+        return self.fetch_many([key], expected_fingerprint)[0]
+
+    def fetch_many(self, keys: Sequence[str],
+                   expected_fingerprint: str | None = None) -> list[tuple[BytesLike | None, str | None]]:
+        """(blob, tier name) or (None, None) per key: each tier is asked once, for the
+        keys the tiers above it did not answer (one round trip for a remote tier)."""
+        out: list[tuple[BytesLike | None, str | None]] = [(None, None)] * len(keys)
+        todo = list(range(len(keys)))
         for i, tier in enumerate(self.tiers):
-            ok, blob = self.guarded(tier, "get", key)
-            if not ok or blob is None:
+            if not todo:
+                break
+            ok, blobs = self.guarded(tier, "get_many", [keys[j] for j in todo])
+            if not ok:
                 continue
-            if self.validate and not self._valid(tier, key, blob, expected_fingerprint):
-                continue
-            for upper in self.tiers[:i]:
-                self.guarded(upper, "put", key, blob)
-            with self._lock:
-                self.counts["hits"] += 1
-            return blob, tier.name
+            missing = []
+            for j, blob in zip(todo, blobs):
+                if blob is None or (self.validate and not self._valid(tier, keys[j], blob, expected_fingerprint)):
+                    missing.append(j)
+                    continue
+                out[j] = (blob, tier.name)
+                self._promote(keys[j], blob, self.tiers[:i])
+            todo = missing
         with self._lock:
-            self.counts["misses"] += 1
-        return None, None
+            self.counts["hits"] += len(keys) - len(todo)
+            self.counts["misses"] += len(todo)
+        return out
+
+    def _promote(self, key: str, blob: BytesLike, upper: list[Tier]) -> None:
+        later = []
+        for tier in upper:
+            if tier.in_memory:
+                self.guarded(tier, "put", key, blob)
+            else:
+                later.append(tier)
+        self._enqueue(key, blob, 1.0, later)
 
     def _valid(self, tier: Tier, key: str, blob: BytesLike, fingerprint: str | None) -> bool:
         try:

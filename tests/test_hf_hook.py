@@ -126,16 +126,16 @@ def test_redis_dying_mid_load_falls_back_to_recomputation(smollm2, prompt, refer
     hook = make_hook(model, tok, store)
     hook.generate(prompt, **GEN)
     assert store.tiers[0].contains(hook.keyspace.prefix_keys(prompt[0])) == [True] * 4
-    original = store.tiers[0].get
+    original = store.tiers[0].get_many
     calls = []
 
-    def dies_after_two(key):
-        calls.append(key)
+    def dies_after_two(keys):  # the hook reads one chunk per call
+        calls.append(keys)
         if len(calls) == 3:
             redis_proc.kill()
-        return original(key)
+        return original(keys)
 
-    store.tiers[0].get = dies_after_two
+    store.tiers[0].get_many = dies_after_two
     out = hook.generate(prompt, **GEN)
     assert torch.equal(out, reference.sequences)
     assert hook.stats()["tokens_reused"] == 2 * CS and hook.stats()["load_failures"] == 1

@@ -28,7 +28,8 @@ def test_put_writes_through_and_get_promotes(three):
     assert [t.contains([key_of(1)])[0] for t in three.tiers] == [True, True, True]
     cpu.delete(key_of(1)), disk.delete(key_of(1))
     assert bytes(three.get(key_of(1))) == bytes(b)  # from redis
-    assert cpu.contains([key_of(1)]) == [True] and disk.contains([key_of(1)]) == [True]
+    assert cpu.contains([key_of(1)]) == [True]  # promoted at once into memory
+    assert three.flush(5) and disk.contains([key_of(1)]) == [True]  # the disk copy on the write-through thread
     assert three.counts["hits"] == 1 and three.get(key_of(9)) is None and three.counts["misses"] == 1
 
 
@@ -53,7 +54,7 @@ def test_corrupt_copy_is_dropped_counted_and_lower_tier_answers(three, tmp_path)
     path.write_bytes(raw)
     assert bytes(three.get(key_of(1))) == bytes(b)  # redis copy
     assert three.counts["corrupt"] == 1 and three.corrupt_by_tier["disk"] == 1
-    assert bytes(disk.get(key_of(1))) == bytes(b)  # replaced by promotion from redis
+    assert three.flush(5) and bytes(disk.get(key_of(1))) == bytes(b)  # replaced by promotion from redis
     # truncated file in the only tier holding it: a miss, file deleted
     cpu.delete(key_of(1)), redis.delete(key_of(1))
     path.write_bytes(bytes(b)[:100])
@@ -106,6 +107,7 @@ def test_redis_down_at_start_is_skipped(tmp_path):
 
 class _SlowTier(CPUTier):
     name = "slow"
+    in_memory = False  # stands for a disk or network tier
 
     def __init__(self):
         super().__init__(1 << 30)
@@ -128,6 +130,53 @@ def test_full_write_queue_drops_and_counts_without_blocking():
     slow.gate.set()
     assert store.flush(10)
     assert sum(slow.contains([key_of(i) for i in range(10)])) == 10 - store.counts["dropped_writes"]
+    store.close()
+
+
+class _CountingRedis(RedisTier):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.calls = 0
+
+    def get_many(self, keys):
+        self.calls += 1
+        return super().get_many(keys)
+
+
+def test_fetch_many_asks_each_tier_once_and_promotion_never_waits_on_a_slow_tier(redis_url, redis_prefix):
+    slow = _SlowTier()
+    redis = _CountingRedis(redis_url, prefix=redis_prefix, part_size=64 << 10)
+    store = TieredStore([CPUTier(1 << 30), slow, redis])
+    keys = [key_of(i) for i in range(6)]
+    blobs = {k: blob_of(10 + 300 * i) for i, k in enumerate(keys)}  # the larger ones are multi-part records
+    for k in keys[:5]:
+        redis.put(k, blobs[k])
+    store.tiers[0].put(keys[0], blobs[keys[0]])
+    t0 = time.monotonic()
+    got = store.fetch_many(keys)
+    assert time.monotonic() - t0 < 1.0  # the slow tier's promoted copies are queued, not waited on
+    assert [t for _, t in got] == ["cpu"] + ["redis"] * 4 + [None]
+    assert [bytes(b) for b, _ in got[:5]] == [bytes(blobs[k]) for k in keys[:5]]
+    assert redis.calls == 1  # keys 1-5 in one batched call
+    assert store.tiers[0].contains(keys) == [True] * 5 + [False]
+    assert store.counts["hits"] == 5 and store.counts["misses"] == 1
+    slow.gate.set()
+    assert store.flush(10) and slow.contains(keys) == [False] + [True] * 4 + [False]
+    store.close()
+
+
+def test_local_tiers_report_their_evictions(tmp_path):
+    seen = []
+    size = len(blob_of(7))
+    store = TieredStore([CPUTier(3 * size), DiskTier(tmp_path, 5 * size)])
+    store.add_eviction_observer(seen.extend)
+    keys = [key_of(i) for i in range(8)]
+    for k in keys:
+        store.put(k, blob_of(7))
+        assert store.flush(5)
+    assert store.tiers[0].contains(keys) == [False] * 5 + [True] * 3
+    assert store.tiers[1].contains(keys) == [False] * 3 + [True] * 5
+    assert sorted(seen) == sorted(keys[:5] + keys[:3])
     store.close()
 
 

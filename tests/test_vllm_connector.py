@@ -153,18 +153,23 @@ def test_slots_for_tokens_follow_the_block_table():
 
 
 class FakeStore:
-    def __init__(self, stored=()):
+    """`stored`: in the worker's own tiers; `remote`: only on a remote tier."""
+
+    def __init__(self, stored=(), remote=()):
         self.stored = set(stored)
+        self.remote = set(remote)
         self.calls = 0
 
     def lookup(self, req_id, keys):
         self.calls += 1
-        n = 0
+        local = n = 0
         for k in keys:
-            if k not in self.stored:
+            if k in self.stored and n == local:
+                local += 1
+            elif k not in self.remote:
                 break
             n += 1
-        return n
+        return n, local
 
 
 def _keys(n_tokens, cs, tag="a"):
@@ -175,7 +180,7 @@ def test_planner_chunked_prefill_saves_chunks_as_they_complete():
     store = FakeStore()
     p = Planner(chunk_size=64, block_size=32, lookup=store.lookup)
     n = 64 * 3 + 10
-    assert p.matched_tokens("r", _keys(n, 64), n, 0) == 0 and store.calls == 1
+    assert p.matched_tokens("r", _keys(n, 64), n, 0) == (0, False) and store.calls == 1
     p.allocated("r", list(range(10, 17)), 0)
     plans = []
     for computed, scheduled, new_blocks in [(0, 100, None), (100, 100, None), (200, 2, None)]:
@@ -194,8 +199,8 @@ def test_planner_loads_hits_never_the_whole_prompt_and_resaves_failed_chunks():
     store = FakeStore({"a0", "a1", "a2"})
     p = Planner(64, 32, store.lookup)
     n = 64 * 3  # every token of the prompt is in stored chunks
-    assert p.matched_tokens("r", _keys(n, 64), n, 0) == n - 1  # one token is computed
-    assert p.matched_tokens("r", _keys(n, 64), n, 32) == n - 1 - 32  # vLLM's own hit comes first
+    assert p.matched_tokens("r", _keys(n, 64), n, 0) == (n - 1, False)  # one token is computed
+    assert p.matched_tokens("r", _keys(n, 64), n, 32) == (n - 1 - 32, False)  # vLLM's own hit comes first
     p.allocated("r", [5, 6, 7, 8, 9, 10], n - 1 - 32)
     plan = StepPlan()
     p.new_request("r", _keys(n, 64), n, [5, 6, 7, 8, 9, 10], n - 1, 1, plan)
@@ -212,16 +217,16 @@ def test_planner_loads_hits_never_the_whole_prompt_and_resaves_failed_chunks():
 def test_planner_partial_hits_short_prompts_preemption_and_finish():
     store = FakeStore({"a0"})
     p = Planner(64, 32, store.lookup)
-    assert p.matched_tokens("short", _keys(40, 64), 40, 0) == 0  # shorter than a chunk: no key
+    assert p.matched_tokens("short", _keys(40, 64), 40, 0) == (0, False)  # shorter than a chunk: no key
     n = 64 * 2 + 5
-    assert p.matched_tokens("r", _keys(n, 64), n, 0) == 64  # chunk 0 stored, chunk 1 not
+    assert p.matched_tokens("r", _keys(n, 64), n, 0) == (64, False)  # chunk 0 stored, chunk 1 not
     p.allocated("r", [1, 2, 3, 4, 5], 64)
     plan = StepPlan()
     p.new_request("r", _keys(n, 64), n, [1, 2, 3, 4, 5], 64, n - 64, plan)
     assert [l.keys for l in plan.loads] == [["a0"]] and [s.keys for s in plan.saves] == [["a1"]]
     store.stored.add("a1")
     # preempted: vLLM frees the blocks and asks again; the resumed request gets new blocks
-    assert p.matched_tokens("r", _keys(n, 64), n + 3, 0) == 128 and p.readmitted == 1
+    assert p.matched_tokens("r", _keys(n, 64), n + 3, 0) == (128, False) and p.readmitted == 1
     p.allocated("r", [7, 8, 9, 10, 11], 128)
     plan = StepPlan()
     p.running_request("r", [7, 8, 9, 10, 11], True, 128, n + 3 - 128, plan)
@@ -230,6 +235,33 @@ def test_planner_partial_hits_short_prompts_preemption_and_finish():
     assert "r" not in p.requests
     with pytest.raises(ValueError):
         Planner(100, 32, store.lookup)
+
+
+def test_planner_loads_remote_chunks_asynchronously_and_after_a_failure_only_local_ones():
+    store = FakeStore(stored={"a0"}, remote={"a1", "a2"})
+    p = Planner(64, 32, store.lookup)
+    n = 64 * 3 + 7
+    assert p.matched_tokens("r", _keys(n, 64), n, 0) == (192, True)  # a1, a2 only remote: asynchronous
+    assert p.matched_tokens("v", _keys(n, 64, "v"), n, 0) == (0, False)
+    p.allocated("r", list(range(20, 27)), 192)
+    plan = StepPlan()
+    p.async_loads(plan)  # the step that allocated the blocks: the load goes out, unscheduled
+    (load,) = plan.loads
+    assert load.asynchronous and load.keys == ["a0", "a1", "a2"] and load.block_ids == list(range(20, 26))
+    assert not plan.saves
+    plan = StepPlan()
+    p.async_loads(plan)
+    assert not plan.loads  # once only
+    p.load_failed("r", 1)  # a1 did not arrive: vLLM kept chunk 0, recomputes the rest
+    plan = StepPlan()
+    p.new_request("r", _keys(n, 64), n, list(range(20, 27)), 64, n - 64, plan)
+    assert not plan.loads and [s.keys for s in plan.saves] == [["a1", "a2"]]
+    # were it looked up again (a whole failure frees the blocks), only the local chunk is promised
+    assert p.matched_tokens("r", _keys(n, 64), n, 0) == (64, False)
+    # a hit that the worker's own tiers cover in full stays synchronous even with vLLM's hit before it
+    store.stored |= {"a1"}
+    assert p.matched_tokens("w", _keys(n, 64), n, 64) == (128, True)
+    assert p.matched_tokens("x", _keys(128 + 1, 64), 129, 64) == (64, False)
 
 
 def test_a_failed_load_reports_every_block_it_did_not_fill():
@@ -317,6 +349,71 @@ def test_remote_lookups_answer_at_once_when_quick_and_never_wait_past_the_deadli
         lk.close()
 
 
+def test_remote_lookups_wait_at_most_their_budget_per_scheduler_step():
+    import threading
+    import time
+
+    from kvmw.integrations.vllm.lookup import RemoteLookups
+
+    gate = threading.Event()
+    lk = RemoteLookups(lambda keys: gate.wait() and [True] * len(keys), timeout=5.0, wait=0.1)
+    try:
+        lk._stalled = False
+        t0 = time.monotonic()
+        assert [lk.leading(r, ["k"]) for r in ("a", "b", "c")] == [None] * 3
+        assert time.monotonic() - t0 < 0.15  # three new requests in one step: one wait in all
+        lk.new_step()
+        t1 = time.monotonic()
+        assert lk.leading("d", ["k"]) is None and time.monotonic() - t1 >= 0.09  # a new step's budget
+        gate.set()
+        lk.new_step()
+        assert lk.leading("e", ["k"]) == 1
+    finally:
+        gate.set()
+        lk.close()
+
+
+def test_worker_index_is_bounded_and_forgets_what_the_worker_lost():
+    from kvmw.integrations.vllm.lookup import WorkerIndex
+
+    ix = WorkerIndex(max_keys=4)
+    ix.add(["a", "b", "c"])
+    assert ix.leading(["a", "b", "c", "d"]) == 3 and ix.leading(["a"]) == 1
+    ix.add(["d", "e"])  # past the bound: the least recently used goes ("a" was just found)
+    assert len(ix) == 4 and "a" in ix and "b" not in ix
+    ix.discard(["c"])
+    assert ix.leading(["a", "c"]) == 1 and ix.leading(["d", "e"]) == 2
+
+
+def test_async_loader_reports_done_loads_and_gives_up_a_hanging_fetch_without_writing():
+    import threading
+    import time
+
+    from kvmw.integrations.vllm.loader import AsyncLoader
+
+    hang = threading.Event()
+    written = []
+    loader = AsyncLoader(timeout=0.3)
+    try:
+        loader.submit("quick", lambda: [1, 2], lambda got: written.append(("quick", got)) or len(got))
+        loader.submit("slow", lambda: hang.wait(5) and [3], lambda got: written.append(("slow", got)) or 1)
+        done = loader.drain(0.2)
+        assert done == [("quick", 2)] and loader.in_flight == 1
+        t0 = time.monotonic()
+        while loader.in_flight:
+            done += loader.poll()
+            time.sleep(0.01)
+        assert done[-1] == ("slow", None) and loader.given_up == 1 and time.monotonic() - t0 < 0.5
+        hang.set()  # the fetch comes back after its request was reported: nothing is written
+        time.sleep(0.1)
+        assert written == [("quick", [1, 2])]
+        loader.submit("boom", lambda: 1 / 0, lambda got: 1)
+        assert loader.drain(2) == [("boom", None)]
+    finally:
+        hang.set()
+        loader.close()
+
+
 def test_the_background_saver_never_blocks_and_drops_past_its_byte_bound():
     import threading
 
@@ -380,6 +477,7 @@ def prompts(model_path):
         "Y": doc[:64] + text[12000:12000 + 150],  # shares A's first two blocks, not a chunk
         "T": text[13000:13000 + 3 * CS + 9],  # the hanging-Redis engine's prompts
         "U": text[14000:14000 + 3 * CS + 9],
+        "V": text[15000:15000 + 3 * CS + 9],
     }
 
 
@@ -751,6 +849,27 @@ def remote_engine(model_path, hanging_redis):
 
 @needs_vllm
 @pytest.mark.vllm
+def test_a_tier_hanging_after_the_lookup_costs_a_request_the_load_deadline(remote_engine, prompts, reference):
+    """The lookup found the chunks in Redis, then Redis stalls 3 s on the read: the
+    asynchronous load is given up at load_timeout (1 s), vLLM recomputes, answer exact.
+    (Before the hanging-Redis test below: that one leaves the tier in backoff.)"""
+    v = prompts["V"]
+    cold, seconds_cold = remote_engine.timed_generate([v], max_tokens=GEN)
+    assert remote_engine.call("flush")["flushed"]
+    remote_engine.call("clear", tier="cpu")
+    before = remote_engine.stats()["worker"]
+    assert remote_engine.call("stall_on_get", tier="redis", seconds=3.0)["armed"]
+    outs, seconds = remote_engine.timed_generate([v], max_tokens=GEN)
+    after = remote_engine.stats()["worker"]
+    assert outs[0]["tokens"] == cold[0]["tokens"] == reference[tuple(v)]
+    assert after["async_loads"] == before["async_loads"] + 1  # the lookup found V in Redis alone
+    assert after["loads_given_up"] == before["loads_given_up"] + 1
+    assert after["load_failures"] == before["load_failures"] + 1
+    assert seconds < seconds_cold + 1.0 + 0.8, (seconds, seconds_cold)  # the deadline, not the stall
+
+
+@needs_vllm
+@pytest.mark.vllm
 def test_a_hanging_redis_costs_a_request_the_lookup_deadline_not_its_timeout(remote_engine, hanging_redis,
                                                                              prompts, reference):
     """Redis answers 2 s late (SIGSTOP; the tier's socket timeout is 2 s): a request's lookup
@@ -763,9 +882,11 @@ def test_a_hanging_redis_costs_a_request_the_lookup_deadline_not_its_timeout(rem
     assert cold_t[0]["tokens"] == reference[tuple(t)]
     assert remote_engine.call("flush")["flushed"]  # T is in Redis too
     remote_engine.call("clear", tier="cpu")
+    loads_before = remote_engine.stats()["worker"]["async_loads"]
     warm = _gen(remote_engine, [t])[0]  # only Redis has T: the remote part of the lookup answers
     assert warm["cached"] == 3 * CS and warm["tokens"] == reference[tuple(t)]
-    assert remote_engine.stats()["worker"]["bytes_loaded"]["redis"] > 0
+    worker = remote_engine.stats()["worker"]
+    assert worker["bytes_loaded"]["redis"] > 0 and worker["async_loads"] == loads_before + 1  # off the step
     hanging_redis.proc.send_signal(signal.SIGSTOP)
     try:
         outs, seconds_u = remote_engine.timed_generate([u], max_tokens=GEN)

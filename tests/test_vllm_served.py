@@ -151,30 +151,50 @@ def test_a_restarted_server_answers_from_one_lower_tier(server, model_path, kvmw
         assert m["kvmw:chunks_stored_total"] == 0  # nothing recomputed, nothing stored again
 
 
-def test_two_servers_on_one_kvmw_serve_hit_what_the_other_stored(server, model_path, contexts, cold_answers,
-                                                                  tmp_path_factory):
-    """Two vLLM servers (three processes each) over one `kvmw serve` (the `server` tier
-    beneath each one's CPU tier): what the first computed, the second loads, answers unchanged."""
+@pytest.mark.parametrize("shared", ["server", "redis"])
+def test_two_servers_on_one_store_hit_what_the_other_stored(server, model_path, contexts, cold_answers,
+                                                           tmp_path_factory, shared):
+    """Two vLLM servers (three processes each) over one `kvmw serve` (the `server` tier) or
+    one Redis, beneath CPU tiers that hold about two of the four contexts. What the first
+    computed, the second loads, answers unchanged; those loads are asynchronous (the
+    chunks are remote). The first server's CPU tier evicted its first context: its
+    worker reported that, so asked again it is read from the shared store off the step."""
+    from kvmw.storage_tiers.redis_server import RedisProcess
     from tests.test_server import ServerProcess
 
     server.stop()
-    kv = ServerProcess(tmp_path_factory.mktemp("shared-kvmw-serve") / "disk").start()
-    settings = {"chunk_size": CS, "tiers": ["cpu", "server"], "server_url": kv.url}
-    first, second = (_server(model_path, settings, tmp_path_factory, name) for name in ("share-a", "share-b"))
+    if shared == "server":
+        store = ServerProcess(tmp_path_factory.mktemp("shared-kvmw-serve") / "disk").start()
+        settings = {"tiers": ["cpu", "server"], "server_url": store.url}
+    else:
+        store = RedisProcess(workdir=str(tmp_path_factory.mktemp("shared-redis"))).start()
+        settings = {"tiers": ["cpu", "redis"], "redis_url": store.url}
+    per_chunk = 30 * 2 * 3 * 64 * 4 * CS  # SmolLM2 in fp32: 30 layers, 3 KV heads of 64
+    settings.update(chunk_size=CS, cpu_capacity=per_chunk * 17)
+    first, second = (_server(model_path, settings, tmp_path_factory, f"{shared}-{n}") for n in ("a", "b"))
     try:
         with ThreadPoolExecutor(2) as pool:
             list(pool.map(lambda s: s.start(), (first, second)))
         chunks = sum(len(p) // CS for p in contexts)
         for p, want in zip(contexts, cold_answers):
             assert _ask(first, p) == (want, 0)
-        # the first server's worker writes to `kvmw serve` in the background, off its steps
-        assert _settled(first, 'kvmw:tier_puts_total{tier="server"}', chunks, timeout=30) == chunks
+        # the first server's worker writes to the shared store in the background, off its steps
+        assert _settled(first, f'kvmw:tier_puts_total{{tier="{shared}"}}', chunks, timeout=30) == chunks
         for p, want in zip(contexts, cold_answers):
             assert _ask(second, p) == (want, _full_chunks(p))
+        assert _settled(second, f'kvmw:tier_hits_total{{tier="{shared}"}}', chunks) == chunks
         m = second.metrics()
-        assert _settled(second, 'kvmw:tier_hits_total{tier="server"}', chunks) == chunks
+        assert m["kvmw:async_loads_total"] == len(contexts)
         assert m["kvmw:chunks_stored_total"] == 0 and m["kvmw:load_failures_total"] == 0
+        before = first.metrics()
+        assert before["kvmw:async_loads_total"] == 0  # nothing was remote-only for it yet
+        assert first.reset_prefix_cache()
+        assert _ask(first, contexts[0]) == (cold_answers[0], _full_chunks(contexts[0]))
+        assert _settled(first, "kvmw:async_loads_total", 1) == 1
+        n0 = len(contexts[0]) // CS
+        assert _settled(first, f'kvmw:tier_hits_total{{tier="{shared}"}}', n0) == n0
+        assert first.metrics()["kvmw:load_failures_total"] == 0
     finally:
         first.stop()
         second.stop()
-        kv.stop()
+        store.kill() if shared == "redis" else store.stop()

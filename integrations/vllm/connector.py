@@ -12,36 +12,47 @@ scheduler builds each step and the worker metadata sent back.
 
 Scheduler side (called by vLLM's scheduler, in this order for a request):
     get_num_new_matched_tokens()  on admission: hash the prompt's full chunks
-        into a prefix chain (fingerprint + chunk size + cache salt), ask the
-        tiers once how many leading chunks exist; return the tokens past vLLM's
-        own hit that kvmw can fill (never the whole prompt: one token is
-        always computed). Loads are synchronous (``False``).
+        into a prefix chain (fingerprint + chunk size + cache salt), ask how
+        many leading chunks exist (the worker's own tiers from its reports at
+        once, remote tiers off the step: "not yet" until they answer); return
+        the tokens past vLLM's own hit that kvmw can fill (never the whole
+        prompt: one token is always computed). The load is synchronous when
+        the worker's own tiers hold every chunk of it, else asynchronous
+        (``True``: the request waits while other requests run).
     update_state_after_alloc()  the request's blocks; remember the load range.
     build_connector_meta()  every step: a `KVMWConnectorMetadata` with the
-        loads (keys -> blocks) and the saves (chunks that become complete this
-        step, whether the prefill is split over steps or not).
-    update_connector_output()  the workers' report: keys stored (the index
-        of process-local tiers), loads that failed (those chunks are saved
-        again once recomputed).
+        loads (keys -> blocks; asynchronous ones for requests not scheduled
+        this step) and the saves (chunks that become complete this step,
+        whether the prefill is split over steps or not).
+    set_xfer_handshake_metadata()  once at start: what the worker's tiers hold.
+    update_connector_output()  the workers' report: keys their tiers now hold
+        or lost (the bounded `WorkerIndex`), loads that failed (those chunks
+        are saved again once recomputed).
     request_finished()  forget the request; blocks are freed at once (saves
-        finish inside the step).
+        are copies taken inside the step; an asynchronous load in flight keeps
+        its blocks until the worker reports it, vLLM's own rule).
 
 Worker side (called by vLLM's model runner / attention layers, per step):
     register_kv_caches()  once: the per-layer paged tensors; pick the page
         layout of the attention backend (checked against vLLM's own CPU write
         kernel at start).
-    start_load_kv()  before the forward: fetch and decode the chunks to load.
-        A chunk that is missing, corrupt or on a tier that died ends the load
-        there; its blocks are reported through get_block_ids_with_load_errors()
-        so vLLM recomputes them (the connector sets
-        ``kv_load_failure_policy="recompute"``).
+    get_handshake_metadata()  once, after that: the keys its tiers hold.
+    start_load_kv()  before the forward: fetch (one batched read per tier) and
+        decode the synchronous loads' chunks; hand the asynchronous ones to the
+        `AsyncLoader` (read, decode and page writes on its threads, given up
+        past `load_timeout`). A chunk that is missing, corrupt or on a tier
+        that died ends the load there; its blocks are reported through
+        get_block_ids_with_load_errors() so vLLM recomputes them (the
+        connector sets ``kv_load_failure_policy="recompute"``).
     wait_for_layer_load(layer)  inside the forward, before that layer's
         attention: scatter the decoded KV of that layer only (layer-wise).
     save_kv_layer(layer, ...)  after that layer's attention: copy the
         completed chunks' KV of that layer out of the pages (a gather).
-    wait_for_save()  after the forward: encode with the configured codec and
-        put into the tiers (top tier synchronously, lower ones on the store's
-        background queue); report what was stored in build_connector_worker_meta().
+    wait_for_save()  after the forward: hand the gathered chunks to the
+        `BackgroundSaver` (encoding and puts off the step).
+    get_finished()  after the step: the asynchronous loads whose pages are
+        written (or given up), for vLLM to schedule those requests.
+    build_connector_worker_meta()  what the tiers stored and evicted, failed loads.
 """
 
 from __future__ import annotations
@@ -51,6 +62,7 @@ import re
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +70,7 @@ import torch
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
+    KVConnectorHandshakeMetadata,
     KVConnectorMetadata,
     KVConnectorRole,
     KVConnectorWorkerMetadata,
@@ -69,7 +82,8 @@ from kvmw.errors import BlobError, ConfigError
 from kvmw.integrations.vllm.model_identity import fingerprint_for_vllm
 from kvmw.integrations.vllm.paged_layout import (CPUPagedLayout, PagedLayout, layout_for, probe_cpu_offsets,
                                                   slots_for_tokens)
-from kvmw.integrations.vllm.lookup import RemoteLookups
+from kvmw.integrations.vllm.loader import AsyncLoader
+from kvmw.integrations.vllm.lookup import INDEX_MAX_KEYS, RemoteLookups, WorkerIndex
 from kvmw.integrations.vllm.plan import LoadSpec, Planner, SaveSpec, StepPlan
 from kvmw.integrations.vllm.saver import BackgroundSaver, SaveJob
 from kvmw.integrations.vllm.stats import TIER_COUNTERS, TIER_SECONDS, Increments, KVMWConnectorStats, KVMWPromMetrics
@@ -90,6 +104,9 @@ log = logging.getLogger("kvmw.vllm")
 
 #: the load buffer is kept between steps up to this size (a larger one is freed after its step)
 LOAD_BUFFER_KEEP = 512 << 20
+#: in a step with nothing scheduled, the connector waits this long for a pending lookup or
+#: load rather than let vLLM spin (its threads would wait on the GIL behind the spinning)
+IDLE_WAIT = 0.01
 
 _LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
 
@@ -101,24 +118,36 @@ class KVMWConnectorMetadata(KVConnectorMetadata):
 
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
+    #: nothing is scheduled this step (vLLM runs no forward, only the connector)
+    idle: bool = False
 
 
 @dataclass
 class KVMWWorkerMetadata(KVConnectorWorkerMetadata):
-    """Workers -> scheduler, one per step: keys now stored, and per request the
-    first chunk whose load failed."""
+    """Workers -> scheduler, one per step: keys the worker's own tiers now hold
+    and keys they no longer hold, and per request the first chunk whose load failed."""
 
     stored: list[str] = field(default_factory=list)
     failed: dict[str, int] = field(default_factory=dict)
+    evicted: list[str] = field(default_factory=list)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         if isinstance(other, KVMWWorkerMetadata):
             # a key counts as stored only if every worker (tensor-parallel rank) stored it
             mine = set(self.stored)
             self.stored = [k for k in other.stored if k in mine]
+            self.evicted = list(set(self.evicted) | set(other.evicted))
             for rid, chunk in other.failed.items():
                 self.failed[rid] = min(chunk, self.failed.get(rid, chunk))
         return self
+
+
+@dataclass
+class KVMWHoldings(KVConnectorHandshakeMetadata):
+    """Worker -> scheduler once, at engine start (vLLM's handshake): the keys the
+    worker's own tiers hold already (a disk tier kept from an earlier run), newest last."""
+
+    keys: list[str] = field(default_factory=list)
 
 
 # ---- one store per process and configuration ------------------------------------------------
@@ -159,6 +188,12 @@ class ConnectorStats:
     chunks_loaded: int = 0
     tokens_loaded: int = 0
     load_failures: int = 0
+    #: loads finished in a later step (some chunk on a remote tier), and those given up
+    #: at `load_timeout`
+    async_loads: int = 0
+    loads_given_up: int = 0
+    #: seconds asynchronous loads spent reading the tiers (off the step)
+    async_fetch_seconds: float = 0.0
     #: blocks reported to vLLM as not loaded (it recomputes them)
     blocks_recomputed: int = 0
     chunks_stored: int = 0
@@ -223,8 +258,9 @@ class KVMWConnector(KVConnectorBase_V1):
             self.planner = Planner(self.config.chunk_size, self.block_size, self._lookup)
             self._remote = RemoteLookups(lambda keys: self.store.contains(keys, remote=True),
                                          self.config.lookup_timeout)
-            #: keys the workers reported stored (their process-local tiers are invisible from here)
-            self._index: set[str] = set()
+            #: what the worker's tiers hold, as it reported (invisible from here when it is
+            #: another process)
+            self._index = WorkerIndex()
         else:
             self._kv_caches: dict[str, torch.Tensor] = {}
             self._layer_index: dict[str, int] = {}
@@ -235,9 +271,15 @@ class KVMWConnector(KVConnectorBase_V1):
             self._failed_reqs: dict[str, int] = {}
             self._invalid_blocks: set[int] = set()
             self._stored_keys: list[str] = []
+            #: keys the local tiers evicted (appended on the saver's and loaders' threads)
+            self._evicted: list[str] = []
+            self._evicted_lock = threading.Lock()
             self._load_started = False
             self.store.add_latency_observer(self._observe_tier_call)
+            self.store.add_eviction_observer(self._on_evicted)
             self.saver = BackgroundSaver(self._store_chunk, self.config.chunk_size, self.config.save_queue_bytes)
+            self.loader: AsyncLoader[tuple[int, dict[str, int]]] = AsyncLoader(self.config.load_timeout)
+            self._async_specs: dict[str, LoadSpec] = {}
         log.info("kvmw connector (%s): chunk %d, codec %s, tiers %s, model %s", role_name,
                  self.config.chunk_size, self.config.codec, self.config.tiers, self.fingerprint.digest)
 
@@ -272,7 +314,8 @@ class KVMWConnector(KVConnectorBase_V1):
             return self._increments.take({"lookups": s.lookups, "lookup_timeouts": s.lookup_timeouts,
                                           "hit_tokens": s.hit_tokens})
         now: dict[str, float] = {name: getattr(s, name) for name in (
-            "chunks_loaded", "tokens_loaded", "load_failures", "blocks_recomputed", "chunks_stored",
+            "chunks_loaded", "tokens_loaded", "load_failures", "async_loads", "loads_given_up", "async_fetch_seconds",
+            "blocks_recomputed", "chunks_stored",
             "dropped_saves", "load_seconds", "save_seconds", "store_seconds")}
         for tier in self.store.tiers:
             counters = tier.counters.as_dict()
@@ -282,37 +325,35 @@ class KVMWConnector(KVConnectorBase_V1):
         return self._increments.take(now)
 
     # ==== scheduler side =========================================================================
-    def _lookup(self, req_id: str, keys: list[str]) -> int | None:
-        """Leading keys stored. The local tiers and, when the worker lives in another
-        process, its reports (its CPU tier is not visible from here) answer at once;
-        the remote tiers on `RemoteLookups`' thread (None: not yet)."""
-        present = self.store.contains(keys, remote=False)
-        n = 0
-        shared = "worker" in self._entry["roles"]
-        for k, p in zip(keys, present):
-            if not (p or (not shared and k in self._index)):
-                break
-            n += 1
+    def _lookup(self, req_id: str, keys: list[str]) -> tuple[int, int] | None:
+        """(leading keys stored, of which the worker's own tiers hold). Those answer at
+        once: the store itself when the worker shares this process, else its
+        reports. The remote tiers answer on `RemoteLookups`' thread (None: not yet)."""
+        if "worker" in self._entry["roles"]:
+            local = self.store.prefix_hits(keys, remote=False)
+        else:
+            local = self._index.leading(keys)
+        n = local
         if n < len(keys) and self.store.has_remote:
             more = self._remote.leading(req_id, keys[n:])
             if more is None:
                 return None
             n += more
         self.stats.lookups += 1
-        return n
+        return n, local
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         prompt = request.prompt_token_ids
         if prompt is None:  # prompt embeddings: no token ids to key on
             return 0, False
         ks = self._keyspace(getattr(request, "cache_salt", None))
-        n = self.planner.matched_tokens(request.request_id, lambda: ks.prefix_keys(prompt),
-                                        request.num_tokens, num_computed_tokens)
-        if n is None:  # a remote tier has not answered yet: vLLM asks again next step
+        matched = self.planner.matched_tokens(request.request_id, lambda: ks.prefix_keys(prompt),
+                                              request.num_tokens, num_computed_tokens)
+        if matched is None:  # a remote tier has not answered yet: vLLM asks again next step
             return None, False
-        self.stats.hit_tokens += n
+        self.stats.hit_tokens += matched[0]
         self.stats.readmitted = self.planner.readmitted
-        return n, False
+        return matched
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
                                  num_external_tokens: int) -> None:
@@ -320,6 +361,11 @@ class KVMWConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         plan = StepPlan()
+        idle = scheduler_output.total_num_scheduled_tokens == 0
+        if idle:
+            self._remote.wait_any(IDLE_WAIT)
+        self._remote.new_step()
+        self.planner.async_loads(plan)
         sched = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             # Every request is keyed at its lookup, with its cache salt. One never looked up
@@ -332,14 +378,20 @@ class KVMWConnector(KVConnectorBase_V1):
             nb = cached.new_block_ids[i]
             self.planner.running_request(rid, nb[0] if nb else None, rid in cached.resumed_req_ids,
                                          cached.num_computed_tokens[i], sched.get(rid, 0), plan)
-        return KVMWConnectorMetadata(plan.loads, plan.saves)
+        return KVMWConnectorMetadata(plan.loads, plan.saves, idle)
+
+    def set_xfer_handshake_metadata(self, metadata: dict[int, KVConnectorHandshakeMetadata]) -> None:
+        for holdings in metadata.values():
+            if isinstance(holdings, KVMWHoldings):
+                self._index.add(holdings.keys)
 
     def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
         meta = connector_output.kv_connector_worker_meta
         if not isinstance(meta, KVMWWorkerMetadata):
             return
         if "worker" not in self._entry["roles"]:
-            self._index.update(meta.stored)
+            self._index.add(meta.stored)
+            self._index.discard(meta.evicted)
         for rid, chunk in meta.failed.items():
             self.planner.load_failed(rid, chunk)
 
@@ -368,68 +420,139 @@ class KVMWConnector(KVConnectorBase_V1):
         log.info("kvmw: %d layers, page layout %s, cache %s %s", len(kv_caches), self._layout.name,
                  tuple(sample.shape), sample.dtype)
 
+    def get_handshake_metadata(self) -> KVMWHoldings:
+        """What the local tiers hold at start (at most what the scheduler's index keeps)."""
+        held = [k for tier in reversed(self.store.tiers) if not tier.remote for k, _ in tier.entries()]
+        return KVMWHoldings(held[-INDEX_MAX_KEYS:])
+
     def _index_of(self, layer_name: str) -> int | None:
         return self._layer_index.get(layer_name)
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
-        """Fetch and decode this step's chunks; the per-layer writes happen in
-        wait_for_layer_load so each layer's pages are filled just before it runs."""
+        """Fetch and decode this step's synchronous loads (the per-layer writes happen in
+        wait_for_layer_load so each layer's pages are filled just before it runs); hand
+        the asynchronous ones to the loader's threads."""
         self._pending = []
         self._load_started = True
         if self._layout is None or not self.has_connector_metadata():
             return
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVMWConnectorMetadata)
-        if meta.loads:
+        sync = [spec for spec in meta.loads if not spec.asynchronous]
+        for spec in meta.loads:
+            if spec.asynchronous:
+                self._start_async(spec)
+        if sync:
             fp, cs = self.fingerprint, self.config.chunk_size
-            total = sum(len(spec.keys) for spec in meta.loads) * cs
+            total = sum(len(spec.keys) for spec in sync) * cs
             dtype = next(iter(self._kv_caches.values())).dtype
             # one buffer reused across steps: chunks decode into it (a fresh tensor per load
             # page-faults at 2-5 GB/s here); released after a load larger than the cap
             buf = self._load_buffer.get("kv", (fp.num_layers, 2, total, fp.num_kv_heads, fp.head_dim), dtype)
+            fetched = self.store.fetch_many([k for spec in sync for k in spec.keys], fp.digest)
             offset = 0
-            for spec in meta.loads:
-                self._fetch(spec, buf[:, :, offset: offset + len(spec.keys) * cs])
-                offset += len(spec.keys) * cs
+            for spec in sync:
+                n = len(spec.keys)
+                self._load_sync(spec, fetched[:n], buf[:, :, offset * cs:(offset + n) * cs])
+                fetched, offset = fetched[n:], offset + n
         if not self.layerwise:  # fill every layer now instead of just before each runs
             for name in list(self._kv_caches):
                 self.wait_for_layer_load(name)
             self._pending = []
 
-    def _fetch(self, spec: LoadSpec, buf: torch.Tensor) -> None:
-        """Decode the spec's chunks into `buf` [L, 2, chunks * chunk_size, H, D], in order,
-        up to the first that does not load; queue the loaded tokens' page writes."""
+    def _decode(self, spec: LoadSpec, fetched: list[tuple[Any, str | None]], out: Callable[[int], torch.Tensor],
+                decoded: Callable[[int], None] | None = None) -> tuple[int, dict[str, int]]:
+        """Decode the spec's chunks, in order, into ``out(j)`` [L, 2, chunk_size, H, D] up to
+        the first that is missing or does not decode, calling ``decoded(j)`` after each:
+        (chunks decoded, bytes per tier)."""
         from kvmw.quantizers import decode_blob
 
-        t0 = time.perf_counter()
-        cs, digest = self.config.chunk_size, self.fingerprint.digest
-        n_loaded = 0
-        for j, key in enumerate(spec.keys):
-            blob, tier = self.store.fetch(key, digest)
+        nbytes: dict[str, int] = defaultdict(int)
+        digest = self.fingerprint.digest
+        for j, (key, (blob, tier)) in enumerate(zip(spec.keys, fetched)):
             if blob is None:
-                break
+                return j, nbytes
             try:
-                decode_blob(blob, digest, out=buf[:, :, j * cs:(j + 1) * cs])
+                decode_blob(blob, digest, out=out(j))
             except BlobError as e:
                 log.warning("kvmw: chunk %s did not decode (%s); vLLM recomputes from there", key, e)
                 self.store.delete(key)
-                break
-            n_loaded += 1
-            self.stats.bytes_loaded[tier] += memoryview(blob).nbytes
-        base = spec.first_chunk * cs
+                self._on_evicted([key])
+                return j, nbytes
+            nbytes[tier] += memoryview(blob).nbytes
+            if decoded is not None:
+                decoded(j)
+        return len(spec.keys), nbytes
+
+    def _settle(self, spec: LoadSpec, n_loaded: int, nbytes: dict[str, int]) -> int:
+        """Count a finished load and report the blocks it did not fill (vLLM recomputes
+        them); the end of the tokens it may write."""
+        cs = self.config.chunk_size
         loaded_end, bad_blocks = spec.after_failure(n_loaded, cs, self.block_size)
-        if bad_blocks:  # the rest did not load: vLLM must recompute those blocks
+        if bad_blocks:
             self.stats.load_failures += 1
             self.stats.blocks_recomputed += len(bad_blocks)
             self._invalid_blocks.update(bad_blocks)
             self._failed_reqs[spec.req_id] = min(self._failed_reqs.get(spec.req_id, 1 << 30),
                                                  spec.first_chunk + n_loaded)
         if loaded_end > spec.start:
-            slots = slots_for_tokens(spec.block_ids, spec.first_block, spec.start, loaded_end, self.block_size)
-            self._pending.append((slots, buf[:, :, spec.start - base: loaded_end - base]))
             self.stats.chunks_loaded += n_loaded
             self.stats.tokens_loaded += loaded_end - spec.start
+        for tier, n in nbytes.items():
+            self.stats.bytes_loaded[tier] += n
+        return loaded_end
+
+    def _load_sync(self, spec: LoadSpec, fetched: list[tuple[Any, str | None]], buf: torch.Tensor) -> None:
+        """Decode into `buf` [L, 2, chunks * chunk_size, H, D]; queue the loaded tokens' page writes."""
+        t0 = time.perf_counter()
+        cs = self.config.chunk_size
+        n_loaded, nbytes = self._decode(spec, fetched, lambda j: buf[:, :, j * cs:(j + 1) * cs])
+        loaded_end = self._settle(spec, n_loaded, nbytes)
+        if loaded_end > spec.start:
+            base = spec.first_chunk * cs
+            slots = slots_for_tokens(spec.block_ids, spec.first_block, spec.start, loaded_end, self.block_size)
+            self._pending.append((slots, buf[:, :, spec.start - base: loaded_end - base]))
         self.stats.load_seconds += time.perf_counter() - t0
+
+    def _start_async(self, spec: LoadSpec) -> None:
+        digest = self.fingerprint.digest
+        self.stats.async_loads += 1
+        self._async_specs[spec.req_id] = spec
+        self.loader.submit(spec.req_id, lambda: self.store.fetch_many(spec.keys, digest),
+                           lambda fetched: self._write_async(spec, fetched), len(spec.keys))
+
+    def _write_async(self, spec: LoadSpec, fetched: list[tuple[Any, str | None]]) -> tuple[int, dict[str, int]]:
+        """On a loader thread: decode chunk by chunk and write each into the request's
+        pages, every layer (vLLM runs nothing on these blocks until it is reported)."""
+        fp, cs, bs = self.fingerprint, self.config.chunk_size, self.block_size
+        dtype = next(iter(self._kv_caches.values())).dtype
+        chunk = torch.empty(fp.num_layers, 2, cs, fp.num_kv_heads, fp.head_dim, dtype=dtype)
+        layers = [(self._kv_caches[name], i) for name, i in self._layer_index.items()]
+
+        def write(j: int) -> None:
+            c0 = (spec.first_chunk + j) * cs
+            a, b = max(c0, spec.start), min(c0 + cs, spec.end)
+            slots = slots_for_tokens(spec.block_ids, spec.first_block, a, b, bs)
+            for layer, i in layers:
+                self._layout.scatter(layer, slots, chunk[i, :, a - c0: b - c0])
+
+        return self._decode(spec, fetched, lambda j: chunk, write)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """The asynchronous loads done or given up; their failed blocks are reported in the
+        same step (get_block_ids_with_load_errors is asked right after)."""
+        if self.loader.in_flight and self.has_connector_metadata():
+            meta = self._get_connector_metadata()
+            if isinstance(meta, KVMWConnectorMetadata) and meta.idle and not meta.loads:
+                self.loader.wait(IDLE_WAIT)
+        done = self.loader.poll()
+        if not done:
+            return None, None
+        t0 = time.perf_counter()
+        for req_id, result in done:
+            self._settle(self._async_specs.pop(req_id), *(result or (0, {})))
+        self.stats.load_seconds += time.perf_counter() - t0
+        return None, {req_id for req_id, _ in done}
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         if not self._pending:
@@ -498,6 +621,9 @@ class KVMWConnector(KVConnectorBase_V1):
         remote = getattr(self, "_remote", None)
         if remote is not None:
             self.stats.lookup_timeouts = remote.timed_out
+        loader = getattr(self, "loader", None)
+        if loader is not None:
+            self.stats.loads_given_up, self.stats.async_fetch_seconds = loader.given_up, loader.fetch_seconds
         saver = getattr(self, "saver", None)
         if saver is not None:
             self.stats.chunks_stored, self.stats.dropped_saves = saver.stored, saver.dropped
@@ -507,17 +633,28 @@ class KVMWConnector(KVConnectorBase_V1):
         out, self._invalid_blocks = self._invalid_blocks, set()
         return out
 
+    def _on_evicted(self, keys: list[str]) -> None:
+        with self._evicted_lock:
+            self._evicted.extend(keys)
+
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        """Keys the local tiers hold now and keys they lost."""
         self._stored_keys.extend(self.saver.take_stored())
-        if not self._stored_keys and not self._failed_reqs:
+        with self._evicted_lock:
+            lost, self._evicted = self._evicted, []
+        if lost:  # an entry evicted from one local tier may still be in another
+            lost = [k for k, held in zip(lost, self.store.contains(lost, remote=False)) if not held]
+        if not self._stored_keys and not self._failed_reqs and not lost:
             return None
-        meta = KVMWWorkerMetadata(self._stored_keys, self._failed_reqs)
+        meta = KVMWWorkerMetadata(self._stored_keys, self._failed_reqs, lost)
         self._stored_keys, self._failed_reqs = [], {}
         return meta
 
     def shutdown(self) -> None:
         try:
             if self._role == KVConnectorRole.WORKER:
+                self.loader.drain(10)
+                self.loader.close()
                 self.saver.close(10)
             self.store.flush(10)
         except Exception:  # best effort at exit

@@ -7,7 +7,7 @@ which builds one single-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
 uni executor: scheduler and worker in the child) and answers one command per
 line: generate (token ids in, token ids / cached-token counts / wall time out),
 stats, and store manipulations the failure tests need (corrupt a stored chunk
-in every tier, empty a tier, kill a Redis at the next read).
+in every tier, empty a tier, kill a Redis or stall at the next read).
 
 Replies are lines ``@@kvmw@@ {json}`` on stdout, so vLLM's own logging can share
 the stream.
@@ -208,24 +208,34 @@ class _Child:
         the scheduler's lookup has already counted the chunks, the worker's load then fails."""
         import signal
 
-        store = self._store()
-        for t in store.tiers:
+        def kill() -> None:
+            os.kill(pid, signal.SIGKILL)
+            for _ in range(200):
+                try:
+                    os.kill(pid, 0)
+                except OSError:
+                    break
+                time.sleep(0.01)
+
+        return self._before_next_read(tier, kill)
+
+    def stall_on_get(self, tier: str, seconds: float) -> dict[str, Any]:
+        """The next read from `tier` takes `seconds` longer (a tier that hangs after the lookup)."""
+        return self._before_next_read(tier, lambda: time.sleep(seconds))
+
+    def _before_next_read(self, tier: str, action: Any) -> dict[str, Any]:
+        for t in self._store().tiers:
             if t.name == tier:
-                original = t.get
+                original = t.get_many  # every read of the store goes through it
+                armed = [True]
 
-                def get(key: str, _orig=original, _t=t):
-                    if getattr(_t, "_kvmw_killed", False) is False:
-                        _t._kvmw_killed = True
-                        os.kill(pid, signal.SIGKILL)
-                        for _ in range(200):
-                            try:
-                                os.kill(pid, 0)
-                            except OSError:
-                                break
-                            time.sleep(0.01)
-                    return _orig(key)
+                def get_many(keys: list[str], _orig=original) -> Any:
+                    if armed:
+                        armed.clear()
+                        action()
+                    return _orig(keys)
 
-                t.get = get
+                t.get_many = get_many
                 return {"armed": True}
         return {"armed": False}
 

@@ -3,8 +3,16 @@
 Per request the planner keeps the prompt's chunk keys, the block ids vLLM gave
 it, and how many leading chunks are known to be in kvmw. Each scheduler step it
 turns vLLM's scheduling decisions into a `StepPlan`: which stored chunks the
-workers write into which blocks before the layers run (`LoadSpec`), and which
-chunks became complete this step and must be encoded and stored (`SaveSpec`).
+workers write into which blocks (`LoadSpec`), and which chunks became complete
+this step and must be encoded and stored (`SaveSpec`).
+
+A load is synchronous (written before the layers run, in the step that computes
+the rest of the prompt) when the worker can read every chunk of it from its own
+process's tiers. When some chunk is only on a remote tier it is asynchronous:
+vLLM parks the request until the worker reports the pages written, and the
+load's spec goes out in the plan of the step that allocated its blocks although
+the request is not scheduled in it. A request whose load failed is promised only local chunks
+afterwards, so a slow remote tier cannot keep it waiting again and again.
 
 Chunk ``i`` of a request covers prompt tokens ``[i * C, (i + 1) * C)``; since the
 chunk size C is a multiple of vLLM's block size, it is a whole number of the
@@ -29,6 +37,8 @@ class LoadSpec:
     end: int
     first_block: int
     block_ids: list[int]
+    #: finished in a later step, off the model runner's thread (some chunk is remote)
+    asynchronous: bool = False
 
     def after_failure(self, loaded_chunks: int, chunk_size: int, block_size: int) -> tuple[int, list[int]]:
         """When only the first `loaded_chunks` chunks loaded: (the end of the tokens that
@@ -71,14 +81,19 @@ class _Request:
     local: int = 0
     #: token range to load at the next step, set once blocks are allocated
     load: tuple[int, int] | None = None
+    #: the lookup's hits reach past the chunks the worker's own tiers hold
+    remote: bool = False
+    #: loads of this request that failed (then only local chunks are promised)
+    failures: int = 0
 
 
 class Planner:
-    """`lookup(req_id, keys) -> n` answers how many leading keys kvmw holds, or None
+    """`lookup(req_id, keys) -> (n, local)` answers how many leading keys kvmw holds
+    and how many of those the worker's own tiers hold (the rest are remote), or None
     while it cannot tell yet (a remote tier has not answered): vLLM asks again later."""
 
     def __init__(self, chunk_size: int, block_size: int,
-                 lookup: Callable[[str, list[str]], int | None]) -> None:
+                 lookup: Callable[[str, list[str]], tuple[int, int] | None]) -> None:
         if chunk_size % block_size:
             raise ValueError(f"chunk_size {chunk_size} is not a multiple of vLLM's block size {block_size}")
         self.chunk_size = chunk_size
@@ -87,13 +102,15 @@ class Planner:
         self.requests: dict[str, _Request] = {}
         #: lookups for requests that already held blocks (preempted, then re-admitted)
         self.readmitted = 0
+        #: requests whose asynchronous load goes out with the next plan
+        self._async_ready: list[str] = []
 
     # ---- vLLM: get_num_new_matched_tokens ---------------------------------------------------
     def matched_tokens(self, req_id: str, keys: Callable[[], list[str]], num_tokens: int,
-                       num_computed: int) -> int | None:
-        """Tokens beyond `num_computed` (vLLM's own hit) that kvmw can fill, or None for
-        "ask again". At most ``num_tokens - 1``: vLLM must compute at least one token
-        to sample from."""
+                       num_computed: int) -> tuple[int, bool] | None:
+        """(tokens beyond `num_computed` (vLLM's own hit) that kvmw can fill, whether
+        that load is asynchronous), or None for "ask again". At most
+        ``num_tokens - 1`` tokens: vLLM must compute at least one to sample from."""
         state = self.requests.get(req_id)
         if state is None:
             state = self.requests[req_id] = _Request(keys=keys(), num_tokens=num_tokens)
@@ -101,14 +118,19 @@ class Planner:
             self.readmitted += 1
             state.block_ids = []
         state.num_tokens = num_tokens
-        hits = self.lookup(req_id, state.keys) if state.keys else 0
+        hits = self.lookup(req_id, state.keys) if state.keys else (0, 0)
         if hits is None:
             return None
-        state.stored = hits  # anything past the hits is saved again once computed
+        total, local = hits
+        if state.failures:
+            total = local
+        state.stored = total  # anything past the hits is saved again once computed
         state.local = num_computed
         state.load = None
-        hit_tokens = min(hits * self.chunk_size, num_tokens - 1)
-        return max(0, hit_tokens - num_computed)
+        hit_tokens = min(total * self.chunk_size, num_tokens - 1)
+        n = max(0, hit_tokens - num_computed)
+        state.remote = n > 0 and hit_tokens > local * self.chunk_size
+        return n, state.remote
 
     # ---- vLLM: update_state_after_alloc -----------------------------------------------------
     def allocated(self, req_id: str, block_ids: Sequence[int], num_external: int) -> None:
@@ -118,8 +140,19 @@ class Planner:
         state.block_ids = list(block_ids)
         if num_external > 0:
             state.load = (state.local, state.local + num_external)
+            if state.remote:
+                self._async_ready.append(req_id)
 
     # ---- vLLM: build_connector_meta -----------------------------------------------------------
+    def async_loads(self, plan: StepPlan) -> None:
+        """The asynchronous loads allocated since the last plan (their requests wait,
+        unscheduled, until the worker reports them)."""
+        ready, self._async_ready = self._async_ready, []
+        for req_id in ready:
+            state = self.requests.get(req_id)
+            if state is not None and state.load is not None:
+                self._plan(req_id, state, 0, plan)
+
     def new_request(self, req_id: str, keys: Callable[[], list[str]], num_tokens: int,
                     block_ids: Sequence[int], num_computed: int, num_scheduled: int, plan: StepPlan) -> None:
         """A request scheduled for the first time (or resumed with all its blocks)."""
@@ -148,7 +181,7 @@ class Planner:
             first, last = start // cs, -(-end // cs)
             first_block = start // bs
             plan.loads.append(LoadSpec(req_id, state.keys[first:last], first, start, end, first_block,
-                                       state.block_ids[first_block: -(-end // bs)]))
+                                       state.block_ids[first_block: -(-end // bs)], state.remote))
             state.load = None
         complete = min(len(state.keys), computed_after // cs)
         if complete > state.stored and len(state.block_ids) >= complete * per_chunk:
@@ -163,6 +196,7 @@ class Planner:
         state = self.requests.get(req_id)
         if state is not None:
             state.stored = min(state.stored, first_bad_chunk)
+            state.failures += 1
 
     def finished(self, req_id: str) -> None:
         self.requests.pop(req_id, None)

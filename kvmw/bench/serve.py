@@ -17,7 +17,11 @@ room for all of them (there kvmw must not slow vLLM down).
 Configurations: ``no_cache`` (vLLM, prefix caching off, no kvmw), ``native``
 (vLLM's prefix cache), ``kvmw_cpu`` / ``kvmw_disk`` / ``kvmw_redis`` (kvmw
 beneath vLLM's cache, that tier alone; Redis is a private redis-server), and
-``kvmw_int8`` (CPU tier, int8 codec); ``fits_native`` and ``fits_kvmw_cpu``.
+``kvmw_int8`` (CPU tier, int8 codec); ``fits_native`` and ``fits_kvmw_cpu``;
+``kvmw_shared``: two servers over one `kvmw serve` (each a CPU tier above the
+``server`` tier), the first answering round 0 (every context computed once),
+the second the later rounds: its figures and hit rate are the second engine's,
+every one of its requests a repeat of what the other engine stored.
 JSON keys ``serve.<config>.{ttft_mean_s, ttft_p50_s, ttft_p90_s, rps,
 hit_rate}``, where hit_rate is the share of the repeats' prompt tokens that were
 not recomputed (vLLM's own hits plus kvmw's), ``kvmw_tokens`` the share kvmw
@@ -37,7 +41,8 @@ from typing import Any
 from kvmw.bench.common import machine, print_table, write_json
 
 BLOCK = 32
-CONFIGS = ["no_cache", "native", "kvmw_cpu", "kvmw_disk", "kvmw_redis", "kvmw_int8", "fits_native", "fits_kvmw_cpu"]
+CONFIGS = ["no_cache", "native", "kvmw_cpu", "kvmw_disk", "kvmw_redis", "kvmw_int8", "fits_native", "fits_kvmw_cpu",
+           "kvmw_shared"]
 QUESTIONS = ["What is the main point of the text above?", "Which example does the author give first?",
              "What does the author conclude?", "Who is the text written for?", "What is the tone of the text?",
              "Name one claim the author makes."]
@@ -80,9 +85,10 @@ def _server_args(args: argparse.Namespace, blocks: int, prefix_caching: bool) ->
     return out
 
 
-def _kvmw_settings(config: str, disk: str, redis_url: str) -> dict[str, Any] | None:
+def _kvmw_settings(config: str, disk: str, redis_url: str, server_url: str = "") -> dict[str, Any] | None:
     base = {"chunk_size": 256}
     return {
+        "kvmw_shared": {**base, "tiers": ["cpu", "server"], "server_url": server_url},
         "kvmw_cpu": {**base, "tiers": ["cpu"]},
         "fits_kvmw_cpu": {**base, "tiers": ["cpu"]},
         "kvmw_int8": {**base, "tiers": ["cpu"], "codec": "int8"},
@@ -112,12 +118,13 @@ def _one_request(url: str, model: str, prompt: list[int], max_tokens: int) -> tu
     return ttft, usage.prompt_tokens if usage else len(prompt), (details.cached_tokens or 0) if details else 0
 
 
-def _drive(url: str, contexts: list[list[int]], questions: list[list[int]], args: argparse.Namespace
-           ) -> dict[str, Any]:
+def _drive(url: str, contexts: list[list[int]], questions: list[list[int]], args: argparse.Namespace,
+           rounds: range | None = None) -> dict[str, Any]:
+    """Rounds `rounds` (default all) of every user; the hit rate counts rounds after the first."""
     from openai import OpenAI
 
     model = OpenAI(base_url=url + "/v1", api_key="none").models.list().data[0].id
-    order = [(r, u) for r in range(args.rounds) for u in range(len(contexts))]
+    order = [(r, u) for r in (rounds or range(args.rounds)) for u in range(len(contexts))]
     prompts = [contexts[u] + questions[r % len(questions)] for r, u in order]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max(args.concurrency, 1)) as pool:
@@ -134,6 +141,43 @@ def _drive(url: str, contexts: list[list[int]], questions: list[list[int]], args
         "requests": len(results),
         "wall_s": wall,
     }
+
+
+def _kvmw_row(srv: Any) -> dict[str, float]:
+    m = srv.metrics()
+    prompt_total = m.get("vllm:prompt_tokens_total", 0.0)
+    return {"kvmw_tokens": m.get("kvmw:tokens_loaded_total", 0.0) / max(prompt_total, 1.0),
+            "load_failures": m.get("kvmw:load_failures_total", 0.0)}
+
+
+def _shared_row(path: str, contexts: list[list[int]], questions: list[list[int]], args: argparse.Namespace,
+                blocks: int, disk: str) -> dict[str, Any]:
+    """Two servers on one `kvmw serve`: the first answers round 0, the second the rest."""
+    from kvmw.bench.server import start_kvmw_serve
+    from kvmw.integrations.vllm.openai_server import OpenAIServer
+
+    proc, port = start_kvmw_serve(disk + "/serve", memory_only=False)
+    kvmw = _kvmw_settings("kvmw_shared", disk, "", f"kvmw://127.0.0.1:{port}")
+    servers = [OpenAIServer(path, kvmw, _server_args(args, blocks, prefix_caching=True), log_path=f"{disk}.{n}.log")
+               for n in ("a", "b")]
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda s: s.start(), servers))
+        _drive(servers[0].url, contexts, questions, args, range(1))
+        deadline = time.monotonic() + 60  # the first engine's saver writes to `kvmw serve` off its steps
+        want = len(contexts) * (args.context_tokens // 256)
+        while servers[0].metrics().get('kvmw:tier_puts_total{tier="server"}', 0) < want:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        row = _drive(servers[1].url, contexts, questions, args, range(1, max(args.rounds, 2)))
+        row.update(_kvmw_row(servers[1]))
+        return row
+    finally:
+        for srv in servers:
+            srv.stop()
+        proc.terminate()
+        proc.wait(30)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -157,18 +201,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         for config in args.configs:
             with tempfile.TemporaryDirectory(prefix="kvmw-bench-serve-") as disk:
-                kvmw = _kvmw_settings(config, disk, redis.url if redis else "")
                 blocks = roomy if config.startswith("fits_") else small
+                if config == "kvmw_shared":
+                    print(f"[kvmw] {config}: starting kvmw serve and two vLLM servers", flush=True)
+                    rows[config] = row = _shared_row(path, contexts, questions, args, blocks, disk)
+                    print(f"[kvmw] {config}: second engine TTFT mean {row['ttft_mean_s']:.3f} s, "
+                          f"{row['rps']:.2f} req/s, hit rate {row['hit_rate']:.2f}", flush=True)
+                    continue
+                kvmw = _kvmw_settings(config, disk, redis.url if redis else "")
                 srv = OpenAIServer(path, kvmw, _server_args(args, blocks, prefix_caching=config != "no_cache"),
                                    log_path=f"{disk}.log")
                 print(f"[kvmw] {config}: starting vLLM's server", flush=True)
                 with srv:
                     rows[config] = row = _drive(srv.url, contexts, questions, args)
                     if kvmw is not None:
-                        m = srv.metrics()
-                        prompt_total = m.get("vllm:prompt_tokens_total", 0.0)
-                        row["kvmw_tokens"] = m.get("kvmw:tokens_loaded_total", 0.0) / max(prompt_total, 1.0)
-                        row["load_failures"] = m.get("kvmw:load_failures_total", 0.0)
+                        row.update(_kvmw_row(srv))
                 print(f"[kvmw] {config}: TTFT mean {row['ttft_mean_s']:.3f} s, p90 {row['ttft_p90_s']:.3f} s, "
                       f"{row['rps']:.2f} req/s, hit rate {row['hit_rate']:.2f}", flush=True)
     finally:

@@ -210,7 +210,8 @@ def _median_run(runs: list[dict[str, float]]) -> dict[str, float]:
     return sorted(runs, key=lambda r: r["gbps"])[len(runs) // 2]
 
 
-def _start_server(disk: str, memory_only: bool) -> tuple[subprocess.Popen, int]:
+def start_kvmw_serve(disk: str, memory_only: bool) -> tuple[subprocess.Popen, int]:
+    """A `kvmw serve` process on a free port, once it answers PING: (process, port)."""
     from kvmw.storage_tiers.redis_server import free_port, ping
 
     port = free_port()
@@ -236,7 +237,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            "machine": machine()}
     rows = []
     with tempfile.TemporaryDirectory(prefix="kvmw-bench-server-") as disk:
-        proc, port = _start_server(disk, args.memory_only)
+        proc, port = start_kvmw_serve(disk, args.memory_only)
         try:
             for size_name, size in SIZES.items():
                 for clients in args.clients:
