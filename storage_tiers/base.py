@@ -82,6 +82,10 @@ class Tier(ABC):
         return {"tier": self.name, "capacity": self.capacity, "used": self.used_bytes(),
                 **self.counters.as_dict()}
 
+    def connect(self) -> None:
+        """Open what the first call would (imports, a connection) and check it answers;
+        raises when it does not. Remote tiers override it; see `TieredStore.connect_remote`."""
+
     def close(self) -> None:
         """Release connections/handles; the tier is unusable afterwards."""
 

@@ -184,6 +184,9 @@ class RedisTier(Tier):
         """Not tracked: Redis owns its memory and eviction (`kvmw inspect` sums `entries()`)."""
         return 0
 
+    def connect(self) -> None:
+        self.client.ping()  # imports redis-py and leaves one open connection in the pool
+
     def close(self) -> None:
         if self._client is not None:
             self._client.close()

@@ -290,6 +290,19 @@ class TieredStore:
                              "last_error": h.last_error, "corrupt": self.corrupt_by_tier[t.name]}
         return {**self.counts, "write_queue_depth": self._queue.qsize(), "tiers": tiers}
 
+    def connect_remote(self) -> threading.Thread | None:
+        """Connect the remote tiers on a thread of their own, now: the first lookup or
+        load would otherwise pay redis-py's import and a connect (tenths of a second
+        on a busy machine: past the scheduler's `lookup_timeout`). A tier that does
+        not answer is marked unhealthy as any failed call marks it."""
+        remote = [t for t in self.tiers if t.remote]
+        if not remote:
+            return None
+        thread = threading.Thread(target=lambda: [self.guarded(t, "connect") for t in remote],
+                                  name="kvmw-connect", daemon=True)
+        thread.start()
+        return thread
+
     def close(self, flush_timeout: float = 10.0) -> None:
         if self._closed:
             return

@@ -105,6 +105,23 @@ def test_redis_down_at_start_is_skipped(tmp_path):
     store.close()
 
 
+def test_connect_remote_opens_the_connection_before_the_first_call(redis_url, redis_prefix):
+    from kvmw.storage_tiers.redis_server import free_port
+
+    redis = RedisTier(redis_url, prefix=redis_prefix)
+    dead = RedisTier(f"redis://127.0.0.1:{free_port()}/0", timeout=0.2)
+    dead.name = "dead"
+    store = TieredStore([CPUTier(1 << 20), redis, dead])
+    store.connect_remote().join(5)
+    pool = redis._client.connection_pool
+    assert len(pool._available_connections) == 1  # the lookup that comes next reuses it
+    assert store.healthy() == {"cpu": True, "redis": True, "dead": False}
+    assert store.contains([key_of(1)], remote=True) == [False]
+    assert pool._created_connections == 1
+    assert TieredStore([CPUTier(1 << 20)]).connect_remote() is None  # nothing remote: no thread
+    store.close()
+
+
 class _SlowTier(CPUTier):
     name = "slow"
     in_memory = False  # stands for a disk or network tier

@@ -90,6 +90,11 @@ def _settled(srv, name, at_least, timeout=10.0):
         time.sleep(0.2)
 
 
+def _kvmw_counters(srv):
+    """kvmw's /metrics lines (a failed assertion's context)."""
+    return {k: v for k, v in srv.metrics().items() if k.startswith("kvmw:")}
+
+
 def _full_chunks(prompt):
     return (len(prompt) // CS) * CS
 
@@ -181,7 +186,7 @@ def test_two_servers_on_one_store_hit_what_the_other_stored(server, model_path, 
         # the first server's worker writes to the shared store in the background, off its steps
         assert _settled(first, f'kvmw:tier_puts_total{{tier="{shared}"}}', chunks, timeout=30) == chunks
         for p, want in zip(contexts, cold_answers):
-            assert _ask(second, p) == (want, _full_chunks(p))
+            assert _ask(second, p) == (want, _full_chunks(p)), _kvmw_counters(second)
         assert _settled(second, f'kvmw:tier_hits_total{{tier="{shared}"}}', chunks) == chunks
         m = second.metrics()
         assert m["kvmw:async_loads_total"] == len(contexts)

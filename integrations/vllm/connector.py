@@ -169,6 +169,7 @@ def _shared_store(config: KVMWConfig, role: str):
         entry = _STORES.get(key)
         if entry is None or entry["store"]._closed:
             entry = _STORES[key] = {"store": build_store(config), "roles": set()}
+            entry["store"].connect_remote()
         entry["roles"].add(role)
         return entry
 
