@@ -29,9 +29,10 @@ import sys
 import tempfile
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a phase runs: `kvmw demo --help` starts without it
+    import torch
 
 QUESTIONS = [
     "What is the main idea of the text above?",
@@ -41,11 +42,11 @@ QUESTIONS = [
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2", choices=["smollm2", "qwen0.5b"])
+    p.add_argument("--model", default="smollm2", choices=["smollm2", "qwen0.5b"], help="installed model (python -m kvmw.integrations.hf.models install NAME)")
     p.add_argument("--tokens", type=int, default=1536, help="document tokens shared by every question")
     p.add_argument("--codec", default="none", help='codec spec, e.g. "none", "int8", "kivi4+zstd"')
-    p.add_argument("--chunk-size", type=int, default=256)
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--chunk-size", type=int, default=256, help="tokens per stored chunk")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="answer tokens per question")
     p.add_argument("--rag-doc-tokens", type=int, default=384, help="tokens per RAG document (0: no RAG part)")
     p.add_argument("--phase", default="", help=argparse.SUPPRESS)  # internal: a restarted process
     p.add_argument("--state", default="", help=argparse.SUPPRESS)
@@ -73,6 +74,8 @@ def _step(msg: str) -> None:
 
 
 def _prompts(tok: Any, tokens: int) -> list[torch.Tensor]:
+    import torch
+
     from kvmw.text_data import essay_text
 
     doc = tok(essay_text(tokens * 8), return_tensors="pt").input_ids[:, :tokens]
@@ -84,6 +87,8 @@ def _prompts(tok: Any, tokens: int) -> list[torch.Tensor]:
 
 
 def _ask(hook_or_model: Any, ids: torch.Tensor, tok: Any, max_new: int) -> dict[str, Any]:
+    import torch
+
     timer = FirstTokenTimer()
     with torch.inference_mode():
         out = hook_or_model.generate(ids, max_new_tokens=max_new, do_sample=False, streamer=timer)

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -12,6 +13,66 @@ from kvmw.storage_tiers import DiskTier
 def _kvmw(*args, env=None):
     return subprocess.run([sys.executable, "-m", "kvmw", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=600)
+
+
+def _parsers(parser, path=()):
+    """(command path, parser) of `parser` and every subcommand below it."""
+    import argparse
+
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _parsers(sub, path + (name,))
+
+
+def test_every_option_of_every_command_says_what_it_does_and_its_default():
+    from kvmw.cli import BENCHES, build_parser
+
+    seen = {}
+    for path, parser in _parsers(build_parser()):
+        seen[path] = parser
+        assert parser.description, path
+        text = parser.format_help()
+        for action in parser._actions:
+            if not action.option_strings or action.help == "==SUPPRESS==" or action.dest == "help":
+                continue
+            assert action.help, (path, action.dest)
+            if action.default not in (None, False, "") and not isinstance(action.default, bool):
+                # the default is in the help line, as argparse wraps it
+                shown = " ".join(text.split())
+                assert f"(default: {action.default})" in shown or "default" in action.help.lower(), \
+                    (path, action.dest)
+    assert {p[1] for p in seen if len(p) == 2 and p[0] == "bench"} == set(BENCHES)
+    assert {p[0] for p in seen if len(p) == 1} == {"serve", "inspect", "bench", "demo"}
+
+
+def test_help_and_serve_start_without_torch_or_the_benches(tmp_path):
+    """`kvmw --help`, `kvmw bench --help`, every command's --help but a bench's own,
+    and a running `kvmw serve`, with python's own record of what was imported."""
+    from kvmw.storage_tiers.redis_server import free_port, ping
+
+    for argv in (["--help"], ["bench", "--help"], ["serve", "--help"], ["inspect", "--help"], ["demo", "--help"]):
+        res = subprocess.run([sys.executable, "-X", "importtime", "-m", "kvmw", *argv], capture_output=True,
+                             text=True, timeout=120)
+        assert res.returncode == 0 and "usage: kvmw" in res.stdout, res.stderr[-2000:]
+        imported = {line.split("|")[-1].strip() for line in res.stderr.splitlines() if "|" in line}
+        assert "torch" not in imported and "transformers" not in imported, argv
+        assert not {m for m in imported if m.startswith("kvmw.bench")}, argv
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "kvmw", "serve", "--port", str(port),
+                             "--memory-only"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(200):
+            if ping("127.0.0.1", port, 0.2):
+                break
+            time.sleep(0.05)
+        assert ping("127.0.0.1", port, 0.5)
+    finally:
+        proc.terminate()
+        err = proc.communicate(timeout=30)[1]
+    imported = {line.split("|")[-1].strip() for line in err.splitlines() if "|" in line}
+    assert "kvmw.integrations.server.connection" in imported and "torch" not in imported
 
 
 def test_inspect_lists_keys_sizes_and_codec(tmp_path):

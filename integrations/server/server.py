@@ -400,12 +400,12 @@ def _hello(proto: int) -> bytes:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=6380)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (non-loopback needs --token)")
+    p.add_argument("--port", type=int, default=6380, help="RESP port")
     p.add_argument("--http-port", type=int, default=0, help="/healthz and /metrics (0: off)")
     p.add_argument("--token", default="", help="required for non-loopback addresses (AUTH)")
     p.add_argument("--config", default=None, help="kvmw YAML: cpu_capacity, disk_path, disk_capacity, policy")
-    p.add_argument("--disk-path", default=None)
+    p.add_argument("--disk-path", default=None, help="folder of the disk spill (default: <the config's disk_path>/server)")
     p.add_argument("--memory-only", action="store_true", help="no disk spill (nothing survives a restart)")
 
 

@@ -198,12 +198,12 @@ def _plot(results: dict[str, Any], model: str, path: str) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2", choices=["smollm2", "qwen0.5b"])
-    p.add_argument("--codecs", nargs="+", default=DEFAULT_CODECS)
+    p.add_argument("--model", default="smollm2", choices=["smollm2", "qwen0.5b"], help="installed model (python -m kvmw.integrations.hf.models install NAME)")
+    p.add_argument("--codecs", nargs="+", default=DEFAULT_CODECS, help="codec specs measured")
     p.add_argument("--context", type=int, default=1024, help="context tokens that get compressed")
     p.add_argument("--held-out", type=int, default=512, help="held-out tokens for perplexity")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per speed cell (x3 for 3 MiB)")
-    p.add_argument("--json", default="")
+    p.add_argument("--json", default="", help="write the results here (JSON)")
     p.add_argument("--plot", default="", help="PNG of ratio vs quality (default: next to --json)")
 
 

@@ -338,15 +338,15 @@ def _print(out: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2", choices=["smollm2", "qwen0.5b"])
-    p.add_argument("--policies", nargs="+", default=POLICIES, choices=POLICIES)
-    p.add_argument("--budgets", nargs="+", default=["50%", "25%", "10%"])
+    p.add_argument("--model", default="smollm2", choices=["smollm2", "qwen0.5b"], help="installed model (python -m kvmw.integrations.hf.models install NAME)")
+    p.add_argument("--policies", nargs="+", default=POLICIES, choices=POLICIES, help="eviction policies measured")
+    p.add_argument("--budgets", nargs="+", default=["50%", "25%", "10%"], help="KV kept: a share of the context or a token count")
     p.add_argument("--context", type=int, default=1536, help="essay tokens per context (facts added)")
     p.add_argument("--samples", type=int, default=20, help="needle prompts")
     p.add_argument("--steps", type=int, default=32, help="teacher-forced steps for agreement / KL")
     p.add_argument("--fidelity-samples", type=int, default=4, help="contexts for agreement / KL")
     p.add_argument("--max-new", type=int, default=8, help="answer tokens")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling of facts and needles")
     p.add_argument("--repeat", type=int, default=2, help="timed prefills per policy (best of)")
     p.add_argument("--needle", action=argparse.BooleanOptionalAction, default=None,
                    help="needle accuracy (default: on for qwen0.5b)")
@@ -356,9 +356,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run kvpress's presses on the needle prompts")
     p.add_argument("--kvpress-samples", type=int, default=6, help="needle prompts kvpress runs (each press "
                    "and budget prefills again: 18 prefills a prompt, KVzip's twice)")
-    p.add_argument("--kvpress-python", default=f"{KVPRESS_VENV}/bin/python")
-    p.add_argument("--kvpress-timeout", type=int, default=7200)
-    p.add_argument("--json", default="")
+    p.add_argument("--kvpress-python", default=f"{KVPRESS_VENV}/bin/python", help="python of the kvpress venv (made on first use)")
+    p.add_argument("--kvpress-timeout", type=int, default=7200, help="seconds before the kvpress run is stopped")
+    p.add_argument("--json", default="", help="write the results here (JSON)")
 
 
 def finalize_args(args: argparse.Namespace) -> None:

@@ -205,11 +205,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2", choices=["smollm2", "qwen0.5b"])
+    p.add_argument("--model", default="smollm2", choices=["smollm2", "qwen0.5b"], help="installed model (python -m kvmw.integrations.hf.models install NAME)")
     p.add_argument("--tokens", type=int, default=2048, help="document tokens before the question")
-    p.add_argument("--chunk-size", type=int, default=256)
-    p.add_argument("--tiers", nargs="+", default=["cpu", "disk", "redis"])
-    p.add_argument("--codecs", nargs="+", default=["none", "int8", "kivi4"])
+    p.add_argument("--chunk-size", type=int, default=256, help="tokens per stored chunk")
+    p.add_argument("--tiers", nargs="+", default=["cpu", "disk", "redis"], help="tiers measured")
+    p.add_argument("--codecs", nargs="+", default=["none", "int8", "kivi4"], help="codec specs measured")
     p.add_argument("--repeat", type=int, default=3, help="warm TTFT runs per cell (median)")
     p.add_argument("--steps", type=int, default=64, help="decode steps per generation cache")
-    p.add_argument("--json", default="")
+    p.add_argument("--json", default="", help="write the results here (JSON)")

@@ -167,10 +167,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2", choices=["smollm2", "qwen0.5b"])
-    p.add_argument("--docs", type=int, default=4)
-    p.add_argument("--doc-tokens", type=int, default=512)
-    p.add_argument("--questions", type=int, default=24)
+    p.add_argument("--model", default="smollm2", choices=["smollm2", "qwen0.5b"], help="installed model (python -m kvmw.integrations.hf.models install NAME)")
+    p.add_argument("--docs", type=int, default=4, help="documents per question")
+    p.add_argument("--doc-tokens", type=int, default=512, help="tokens per document")
+    p.add_argument("--questions", type=int, default=24, help="questions (each over its own document set)")
     p.add_argument("--ratios", nargs="*", type=float, default=[0.15],
                    help="CacheBlend recompute ratios (none: no CacheBlend run)")
     p.add_argument("--epic-ratios", nargs="*", type=float, default=[],
@@ -179,11 +179,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="query-aware (A^3-style) recompute ratios")
     p.add_argument("--no-match", action="store_true", help="no EPIC run at CacheBlend's work")
     p.add_argument("--steps", type=int, default=16, help="greedy answer tokens (agreement steps)")
-    p.add_argument("--codec", default="none")
+    p.add_argument("--codec", default="none", help="codec of the cached documents")
     p.add_argument("--document-context", choices=("preamble", "stand_in", "none"), default="stand_in",
-                   help="documents are prefilled after the preamble and a stand-in document (default), "
+                   help="documents are prefilled after the preamble and a stand-in document, "
                         "after the preamble, or alone")
     p.add_argument("--stand-in-docs", type=int, default=3, choices=range(1, len(STAND_IN_ESSAYS) + 1),
                    help="documents of the stand-in (--document-context stand_in)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default="")
+    p.add_argument("--seed", type=int, default=0, help="sampling of documents and questions")
+    p.add_argument("--json", default="", help="write the results here (JSON)")

@@ -49,15 +49,15 @@ QUESTIONS = ["What is the main point of the text above?", "Which example does th
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2", help="installed model name (default smollm2)")
-    p.add_argument("--users", type=int, default=6, help="users, each with a context of its own (default 6)")
-    p.add_argument("--rounds", type=int, default=3, help="questions per user (default 3)")
-    p.add_argument("--context-tokens", type=int, default=2048, help="tokens of each user's context (default 2048)")
-    p.add_argument("--concurrency", type=int, default=2, help="requests in flight (default 2)")
+    p.add_argument("--model", default="smollm2", help="installed model name")
+    p.add_argument("--users", type=int, default=6, help="users, each with a context of its own")
+    p.add_argument("--rounds", type=int, default=3, help="questions per user")
+    p.add_argument("--context-tokens", type=int, default=2048, help="tokens of each user's context")
+    p.add_argument("--concurrency", type=int, default=2, help="requests in flight")
     p.add_argument("--blocks", type=int, default=0,
                    help="vLLM's KV blocks of 32 tokens (default: a third of all contexts)")
-    p.add_argument("--max-tokens", type=int, default=8, help="tokens generated per answer (default 8)")
-    p.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS, help="rows to run (default all)")
+    p.add_argument("--max-tokens", type=int, default=8, help="tokens generated per answer")
+    p.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS, help="rows to run")
     p.add_argument("--compile", action="store_true", help="leave torch.compile on (start ~110 s instead of ~35 s)")
     p.add_argument("--json", default=None, help="write the results here")
 

@@ -273,11 +273,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--clients", nargs="+", type=int, default=list(CLIENTS))
+    p.add_argument("--clients", nargs="+", type=int, default=list(CLIENTS), help="concurrent clients per cell")
     p.add_argument("--ops", type=int, default=0,
                    help="SET+GET rounds per client (default: about 1 GiB of GETs per cell)")
     p.add_argument("--rounds", type=int, default=5, help="alternating kvmw/Redis runs per cell (median)")
-    p.add_argument("--redis-url", default="")
+    p.add_argument("--redis-url", default="", help="Redis to compare with (default: KVMW_REDIS_URL or redis://127.0.0.1:6379/0; make redis starts one)")
     p.add_argument("--memory-only", action="store_true",
                    help="run kvmw serve without its disk spill (Redis here keeps nothing on disk either)")
-    p.add_argument("--json", default="")
+    p.add_argument("--json", default="", help="write the results here (JSON)")

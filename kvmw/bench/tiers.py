@@ -145,11 +145,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--tiers", nargs="+", default=["cpu", "disk", "redis"])
+    p.add_argument("--model", default="smollm2", help="installed model (python -m kvmw.integrations.hf.models install NAME)")
+    p.add_argument("--tiers", nargs="+", default=["cpu", "disk", "redis"], help="tiers measured")
     p.add_argument("--repeat", type=int, default=0, help="timed runs per cell (default 30 / 8)")
-    p.add_argument("--redis-url", default="")
+    p.add_argument("--redis-url", default="", help="Redis to measure (default: KVMW_REDIS_URL or redis://127.0.0.1:6379/0; make redis starts one)")
     p.add_argument("--disk-dir", default=None, help="folder for the disk runs (default: /tmp)")
     p.add_argument("--default-allocator", action="store_true",
                    help="keep glibc's default mmap threshold (fresh 32 MiB buffers page-fault)")
-    p.add_argument("--json", default="")
+    p.add_argument("--json", default="", help="write the results here (JSON)")

@@ -152,11 +152,11 @@ def _drop_redis_keys(prefix: str) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2", choices=["smollm2", "qwen0.5b"])
+    p.add_argument("--model", default="smollm2", choices=["smollm2", "qwen0.5b"], help="installed model (python -m kvmw.integrations.hf.models install NAME)")
     p.add_argument("--tokens", type=int, default=2048, help="document tokens before the question")
-    p.add_argument("--chunk-size", type=int, default=256)
-    p.add_argument("--tiers", nargs="+", default=["cpu", "disk", "redis"])
-    p.add_argument("--codecs", nargs="+", default=["none", "int8"])
+    p.add_argument("--chunk-size", type=int, default=256, help="tokens per stored chunk")
+    p.add_argument("--tiers", nargs="+", default=["cpu", "disk", "redis"], help="tiers measured")
+    p.add_argument("--codecs", nargs="+", default=["none", "int8"], help="codec specs measured")
     p.add_argument("--repeat", type=int, default=3, help="cold/warm pairs per engine (median)")
     p.add_argument("--check-tokens", type=int, default=16, help="greedy tokens compared with the baseline")
-    p.add_argument("--json", default="")
+    p.add_argument("--json", default="", help="write the results here (JSON)")
