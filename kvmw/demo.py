@@ -264,7 +264,7 @@ def _cleanup_redis(prefix: str) -> None:
     try:
         import redis
 
-        from kvmw.storage_tiers.redis_server import default_url
+        from kvmw.testing.redis_process import default_url
 
         client = redis.Redis.from_url(default_url(), socket_timeout=2)
         keys = list(client.scan_iter(match=prefix + "*", count=1000))

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CP
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any `import triton`
 
 from kvmw.fingerprint import ModelFingerprint  # noqa: E402
-from kvmw.storage_tiers.redis_server import HOW_TO, RedisProcess, default_url, host_port, ping  # noqa: E402
+from kvmw.testing.redis_process import HOW_TO, RedisProcess, default_url, host_port, ping  # noqa: E402
 
 
 @pytest.fixture(scope="session")

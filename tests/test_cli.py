@@ -50,7 +50,7 @@ def test_every_option_of_every_command_says_what_it_does_and_its_default():
 def test_help_and_serve_start_without_torch_or_the_benches(tmp_path):
     """`kvmw --help`, `kvmw bench --help`, every command's --help but a bench's own,
     and a running `kvmw serve`, with python's own record of what was imported."""
-    from kvmw.storage_tiers.redis_server import free_port, ping
+    from kvmw.testing.redis_process import free_port, ping
 
     for argv in (["--help"], ["bench", "--help"], ["serve", "--help"], ["inspect", "--help"], ["demo", "--help"]):
         res = subprocess.run([sys.executable, "-X", "importtime", "-m", "kvmw", *argv], capture_output=True,

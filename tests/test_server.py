@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 import redis
 
-from kvmw.storage_tiers.redis_server import free_port, ping
+from kvmw.testing.redis_process import free_port, ping
 from kvmw.storage_tiers.server_tier import ServerTier
 from tests.test_tiers import blob_of, key_of
 

@@ -94,7 +94,7 @@ def test_redis_dying_mid_run_degrades_then_recovers(tmp_path, redis_proc):
 
 
 def test_redis_down_at_start_is_skipped(tmp_path):
-    from kvmw.storage_tiers.redis_server import free_port
+    from kvmw.testing.redis_process import free_port
 
     store = build_store(KVMWConfig.load(env={}, tiers=["cpu", "redis"], remote_timeout=0.2,
                                         redis_url=f"redis://127.0.0.1:{free_port()}/0"))
@@ -106,7 +106,7 @@ def test_redis_down_at_start_is_skipped(tmp_path):
 
 
 def test_connect_remote_opens_the_connection_before_the_first_call(redis_url, redis_prefix):
-    from kvmw.storage_tiers.redis_server import free_port
+    from kvmw.testing.redis_process import free_port
 
     redis = RedisTier(redis_url, prefix=redis_prefix)
     dead = RedisTier(f"redis://127.0.0.1:{free_port()}/0", timeout=0.2)

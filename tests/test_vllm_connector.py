@@ -2,7 +2,7 @@
 needed), then a real vLLM engine on CPU with real SmolLM2, Redis and disk (marked
 ``vllm``; skipped when vLLM is not installed).
 
-Engines run in child processes (`kvmw.integrations.vllm.harness`): vLLM keeps
+Engines run in child processes (`kvmw.testing.vllm_engine`): vLLM keeps
 one KV connector per process, and the reference engine must have none.
 """
 
@@ -491,7 +491,7 @@ def _flat(prompts):
 @pytest.fixture(scope="module")
 def reference(model_path, prompts):
     """Greedy tokens of every prompt from vLLM without any connector."""
-    from kvmw.integrations.vllm.harness import EngineProcess
+    from kvmw.testing.vllm_engine import EngineProcess
 
     flat = _flat(prompts)
     with EngineProcess(model_path, {"max_num_batched_tokens": 256, "num_gpu_blocks_override": 96,
@@ -529,9 +529,10 @@ def hf_stored(smollm2, prompts, store_dir):
 def engine(model_path, store_dir, hf_stored):
     """kvmw on: CPU then disk tier, codec none, chunks of 128 tokens; prefills split into
     steps of 256 tokens; 48 blocks of 32 tokens so a batch can preempt."""
-    from kvmw.integrations.vllm.harness import EngineProcess, connector_config
+    from kvmw.integrations.vllm import kv_transfer_config
+    from kvmw.testing.vllm_engine import EngineProcess
 
-    cfg = connector_config(chunk_size=CS, codec="none", tiers=["cpu", "disk"], disk_path=str(store_dir),
+    cfg = kv_transfer_config(chunk_size=CS, codec="none", tiers=["cpu", "disk"], disk_path=str(store_dir),
                            cache_salt="")
     with EngineProcess(model_path, {"kv_transfer_config": cfg, "max_num_batched_tokens": 256,
                                     "num_gpu_blocks_override": 48, "max_model_len": 1408}) as eng:
@@ -564,13 +565,14 @@ def test_second_request_gets_its_prefix_from_kvmw_with_identical_tokens(engine, 
 def test_bf16_pages_of_this_cpus_isa_come_back_with_identical_tokens(model_path, prompts):
     """bf16 KV: on AMX CPUs vLLM packs these pages otherwise (read off its write kernel at
     start); a prefix reused through kvmw gives the tokens of a bf16 engine without it."""
-    from kvmw.integrations.vllm.harness import EngineProcess, connector_config
+    from kvmw.integrations.vllm import kv_transfer_config
+    from kvmw.testing.vllm_engine import EngineProcess
 
     a = prompts["A"]
     bf16 = {"dtype": "bfloat16", "max_num_batched_tokens": 256, "num_gpu_blocks_override": 48, "max_model_len": 1408}
     with EngineProcess(model_path, bf16) as eng:
         ref = _gen(eng, [a])[0]["tokens"]
-    cfg = connector_config(chunk_size=CS, codec="none", tiers=["cpu"], cache_salt="")
+    cfg = kv_transfer_config(chunk_size=CS, codec="none", tiers=["cpu"], cache_salt="")
     with EngineProcess(model_path, {**bf16, "kv_transfer_config": cfg}) as eng:
         cold, warm = _gen(eng, [a])[0], _gen(eng, [a])[0]
         worker = eng.stats()["worker"]
@@ -693,9 +695,10 @@ def test_a_prefix_stored_by_vllm_is_a_hit_for_the_hf_hook(engine, smollm2, promp
 def pc_engine(model_path):
     """vLLM's default: its own prefix cache answers first, kvmw fills what it lost (CPU tier).
     48 blocks of 32 tokens, so vLLM's cache evicts while requests run."""
-    from kvmw.integrations.vllm.harness import EngineProcess, connector_config
+    from kvmw.integrations.vllm import kv_transfer_config
+    from kvmw.testing.vllm_engine import EngineProcess
 
-    cfg = connector_config(chunk_size=CS, codec="none", tiers=["cpu"], cache_salt="")
+    cfg = kv_transfer_config(chunk_size=CS, codec="none", tiers=["cpu"], cache_salt="")
     with EngineProcess(model_path, {"kv_transfer_config": cfg, "enable_prefix_caching": True,
                                     "max_num_batched_tokens": 256, "num_gpu_blocks_override": 48,
                                     "max_model_len": 1408}) as eng:
@@ -771,7 +774,7 @@ def test_prefix_caching_on_a_first_chunk_failing_mid_chunk_is_recomputed_whole(p
 
 @pytest.fixture(scope="module")
 def private_redis(tmp_path_factory):
-    from kvmw.storage_tiers.redis_server import RedisProcess
+    from kvmw.testing.redis_process import RedisProcess
 
     try:
         proc = RedisProcess(workdir=str(tmp_path_factory.mktemp("redis"))).start()
@@ -783,9 +786,10 @@ def private_redis(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def redis_engine(model_path, private_redis):
-    from kvmw.integrations.vllm.harness import EngineProcess, connector_config
+    from kvmw.integrations.vllm import kv_transfer_config
+    from kvmw.testing.vllm_engine import EngineProcess
 
-    cfg = connector_config(chunk_size=CS, codec="int8", tiers=["redis"],
+    cfg = kv_transfer_config(chunk_size=CS, codec="int8", tiers=["redis"],
                            redis_url=f"redis://127.0.0.1:{private_redis.port}/0", retry_backoff=60.0)
     with EngineProcess(model_path, {"kv_transfer_config": cfg, "max_num_batched_tokens": 256,
                                     "num_gpu_blocks_override": 96, "max_model_len": 1536}) as eng:
@@ -827,7 +831,7 @@ def test_redis_dying_mid_load_ends_in_recomputation(redis_engine, private_redis,
 def hanging_redis(tmp_path_factory):
     import signal
 
-    from kvmw.storage_tiers.redis_server import RedisProcess
+    from kvmw.testing.redis_process import RedisProcess
 
     proc = RedisProcess(workdir=str(tmp_path_factory.mktemp("hanging-redis"))).start()
     yield proc
@@ -838,9 +842,10 @@ def hanging_redis(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def remote_engine(model_path, hanging_redis):
-    from kvmw.integrations.vllm.harness import EngineProcess, connector_config
+    from kvmw.integrations.vllm import kv_transfer_config
+    from kvmw.testing.vllm_engine import EngineProcess
 
-    cfg = connector_config(chunk_size=CS, codec="none", tiers=["cpu", "redis"], redis_url=hanging_redis.url,
+    cfg = kv_transfer_config(chunk_size=CS, codec="none", tiers=["cpu", "redis"], redis_url=hanging_redis.url,
                            remote_timeout=2.0, lookup_timeout=0.1, cache_salt="")
     with EngineProcess(model_path, {"kv_transfer_config": cfg, "max_num_batched_tokens": 256,
                                     "num_gpu_blocks_override": 96, "max_model_len": 1536}) as eng:

@@ -41,7 +41,7 @@ def contexts(model_path):
 
 @pytest.fixture(scope="module")
 def served_redis(tmp_path_factory):
-    from kvmw.storage_tiers.redis_server import RedisProcess
+    from kvmw.testing.redis_process import RedisProcess
 
     proc = RedisProcess(workdir=str(tmp_path_factory.mktemp("served-redis"))).start()
     yield proc
@@ -55,7 +55,7 @@ def kvmw_settings(tmp_path_factory, served_redis):
 
 
 def _server(model_path, kvmw, tmp_path_factory, name):
-    from kvmw.integrations.vllm.openai_server import OpenAIServer
+    from kvmw.testing.vllm_server import OpenAIServer
 
     log = tmp_path_factory.mktemp("served-logs") / f"{name}.log"
     return OpenAIServer(model_path, kvmw, SERVER_ARGS, env={"VLLM_SERVER_DEV_MODE": "1"}, log_path=log)
@@ -164,7 +164,7 @@ def test_two_servers_on_one_store_hit_what_the_other_stored(server, model_path, 
     computed, the second loads, answers unchanged; those loads are asynchronous (the
     chunks are remote). The first server's CPU tier evicted its first context: its
     worker reported that, so asked again it is read from the shared store off the step."""
-    from kvmw.storage_tiers.redis_server import RedisProcess
+    from kvmw.testing.redis_process import RedisProcess
     from tests.test_server import ServerProcess
 
     server.stop()

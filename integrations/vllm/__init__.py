@@ -15,6 +15,16 @@ CONNECTOR_NAME = "KVMWConnector"
 CONNECTOR_MODULE = "kvmw.integrations.vllm.connector"
 
 
+def kv_transfer_config(**kvmw: Any) -> dict[str, Any]:
+    """vLLM's ``kv_transfer_config`` that switches kvmw on, with `KVMWConfig` overrides:
+    ``LLM(model, kv_transfer_config=KVTransferConfig(**kv_transfer_config(codec="int8")))``,
+    or ``json.dumps`` of it for ``--kv-transfer-config``."""
+    cfg: dict[str, Any] = {"kv_connector": CONNECTOR_NAME, "kv_role": "kv_both"}
+    if kvmw:
+        cfg["kv_connector_extra_config"] = {"kvmw": kvmw}
+    return cfg
+
+
 def register() -> None:
     """vLLM plugin entry point: make ``kv_connector="KVMWConnector"`` resolvable.
     vLLM loads plugins in every process, possibly more than once: idempotent."""
@@ -34,4 +44,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
-__all__ = ["CONNECTOR_NAME", "register", "KVMWConnector"]
+__all__ = ["CONNECTOR_NAME", "kv_transfer_config", "register", "KVMWConnector"]

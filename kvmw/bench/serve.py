@@ -154,7 +154,7 @@ def _shared_row(path: str, contexts: list[list[int]], questions: list[list[int]]
                 blocks: int, disk: str) -> dict[str, Any]:
     """Two servers on one `kvmw serve`: the first answers round 0, the second the rest."""
     from kvmw.bench.server import start_kvmw_serve
-    from kvmw.integrations.vllm.openai_server import OpenAIServer
+    from kvmw.testing.vllm_server import OpenAIServer
 
     proc, port = start_kvmw_serve(disk + "/serve", memory_only=False)
     kvmw = _kvmw_settings("kvmw_shared", disk, "", f"kvmw://127.0.0.1:{port}")
@@ -182,8 +182,8 @@ def _shared_row(path: str, contexts: list[list[int]], questions: list[list[int]]
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from kvmw.integrations.hf.models import install
-    from kvmw.integrations.vllm.openai_server import OpenAIServer
-    from kvmw.storage_tiers.redis_server import RedisProcess
+    from kvmw.testing.vllm_server import OpenAIServer
+    from kvmw.testing.redis_process import RedisProcess
 
     path = str(install(args.model))
     contexts, questions = _contexts(path, args.users, args.context_tokens)

@@ -212,7 +212,7 @@ def _median_run(runs: list[dict[str, float]]) -> dict[str, float]:
 
 def start_kvmw_serve(disk: str, memory_only: bool) -> tuple[subprocess.Popen, int]:
     """A `kvmw serve` process on a free port, once it answers PING: (process, port)."""
-    from kvmw.storage_tiers.redis_server import free_port, ping
+    from kvmw.testing.redis_process import free_port, ping
 
     port = free_port()
     cmd = [sys.executable, "-m", "kvmw", "serve", "--port", str(port), "--disk-path", disk]
@@ -228,7 +228,7 @@ def start_kvmw_serve(disk: str, memory_only: bool) -> tuple[subprocess.Popen, in
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from kvmw.storage_tiers.redis_server import default_url, host_port
+    from kvmw.testing.redis_process import default_url, host_port
 
     redis_port = host_port(args.redis_url or default_url())[1]
     raw = raw_tcp_gbps()

@@ -109,7 +109,7 @@ TARGETS = {("cpu", "get"): 0.5, ("disk", "put"): 0.7, ("disk", "get"): 0.7,
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.default_allocator:
         tune_allocator()
-    from kvmw.storage_tiers.redis_server import default_url
+    from kvmw.testing.redis_process import default_url
 
     url = args.redis_url or default_url()
     print(f"blobs: real {args.model} KV (fp16, codec none); allocator: {allocator_setting()}")

@@ -1,7 +1,7 @@
 """`kvmw bench vllm`: vLLM time-to-first-token cold vs warm from kvmw's tiers, beside vLLM's own prefix cache.
 
 Every engine is vLLM on this machine (CPU build, float32, block size 32,
-eager, one process), in its own child process (`kvmw.integrations.vllm.harness`),
+eager, one process), in its own child process (`kvmw.testing.vllm_engine`),
 started before its timings so start-up stays out of them. TTFT is the wall time
 of ``generate(max_tokens=1)``; the prompt is a document of ``--tokens`` tokens of
 essay text plus a question, and each repeat uses a fresh document of the same
@@ -57,7 +57,8 @@ def _median(xs: list[float]) -> float:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from kvmw.integrations.hf.models import install
-    from kvmw.integrations.vllm.harness import EngineProcess, connector_config
+    from kvmw.integrations.vllm import kv_transfer_config
+    from kvmw.testing.vllm_engine import EngineProcess
 
     path = str(install(args.model))
     prompts = _prompts(path, args.tokens, args.repeat + 1)
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for tier in args.tiers:
             for codec in args.codecs:
                 print(f"[bench] kvmw: tier {tier}, codec {codec}", flush=True)
-                cfg = connector_config(chunk_size=args.chunk_size, codec=codec, tiers=[tier],
+                cfg = kv_transfer_config(chunk_size=args.chunk_size, codec=codec, tiers=[tier],
                                        disk_path=f"{tmp}/{codec}",
                                        redis_prefix=f"kvmw-bench-vllm:{uuid.uuid4().hex[:8]}:")
                 with EngineProcess(path, _engine_kwargs(args, kv_transfer_config=cfg)) as eng:

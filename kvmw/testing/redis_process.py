@@ -1,6 +1,6 @@
 """Find or start a local redis-server: for `make`'s setup, the tests and the benches.
 
-``python -m kvmw.storage_tiers.redis_server ensure [URL]`` makes sure a Redis
+``python -m kvmw.testing.redis_process ensure [URL]`` makes sure a Redis
 answers on URL (default ``KVMW_REDIS_URL`` or redis://127.0.0.1:6379/0): if none
 does and the address is loopback, it starts ``redis-server`` (installing it
 with apt when running as root and it is missing). It never fails the build:
@@ -140,6 +140,6 @@ def ensure(url: str | None = None) -> bool:
 if __name__ == "__main__":
     args = sys.argv[1:]
     if not args or args[0] != "ensure":
-        print("usage: python -m kvmw.storage_tiers.redis_server ensure [URL]", file=sys.stderr)
+        print("usage: python -m kvmw.testing.redis_process ensure [URL]", file=sys.stderr)
         raise SystemExit(2)
     ensure(args[1] if len(args) > 1 else None)

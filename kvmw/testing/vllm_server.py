@@ -22,18 +22,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kvmw.storage_tiers.redis_server import free_port
+from kvmw.integrations.vllm import kv_transfer_config
+from kvmw.testing.redis_process import free_port
 
 #: what these CPU machines need (../shared/VLLM.md): a bounded KV space, no hub
 CPU_SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def kv_transfer_config(**kvmw: Any) -> str:
-    """The ``--kv-transfer-config`` JSON that switches kvmw on, with `KVMWConfig` overrides."""
-    cfg: dict[str, Any] = {"kv_connector": "KVMWConnector", "kv_role": "kv_both"}
-    if kvmw:
-        cfg["kv_connector_extra_config"] = {"kvmw": kvmw}
-    return json.dumps(cfg)
 
 
 def server_command(model: str, port: int, kvmw: dict[str, Any] | None, args: Sequence[str] = ()) -> list[str]:
@@ -41,7 +34,7 @@ def server_command(model: str, port: int, kvmw: dict[str, Any] | None, args: Seq
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
            "--host", "127.0.0.1", "--port", str(port), *args]
     if kvmw is not None:
-        cmd += ["--kv-transfer-config", kv_transfer_config(**kvmw)]
+        cmd += ["--kv-transfer-config", json.dumps(kv_transfer_config(**kvmw))]
     return cmd
 
 

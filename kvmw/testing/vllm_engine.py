@@ -2,7 +2,7 @@
 
 vLLM keeps process-global state (the distributed groups, *the* KV connector of
 the process), so two engines - one with kvmw, one without - cannot share a
-process. `EngineProcess` starts ``python -m kvmw.integrations.vllm.harness``,
+process. `EngineProcess` starts ``python -m kvmw.testing.vllm_engine``,
 which builds one single-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
 uni executor: scheduler and worker in the child) and answers one command per
 line: generate (token ids in, token ids / cached-token counts / wall time out),
@@ -29,12 +29,6 @@ CPU_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
 
 
-def connector_config(**kvmw: Any) -> dict[str, Any]:
-    """The ``kv_transfer_config`` that switches kvmw on, with `KVMWConfig` overrides."""
-    return {"kv_connector": "KVMWConnector", "kv_role": "kv_both",
-            "kv_connector_extra_config": {"kvmw": kvmw}}
-
-
 class EngineError(RuntimeError):
     pass
 
@@ -50,7 +44,7 @@ class EngineProcess:
                   "skip_tokenizer_init": True, **(engine or {})}
         child_env = {**os.environ, **CPU_ENV, **(env or {})}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kvmw.integrations.vllm.harness"], stdin=subprocess.PIPE,
+            [sys.executable, "-m", "kvmw.testing.vllm_engine"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env, bufsize=1)
         self.log: list[str] = []
         self._send({"op": "start", "model": model, "engine": kwargs})
