@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import shlex
 import sys
 from types import ModuleType
 
@@ -88,6 +89,7 @@ class _Raw(argparse.RawDescriptionHelpFormatter, HelpFormatter):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
+    args.command_line = "kvmw " + shlex.join(argv)  # stamped on the benches' figures
     verbose = args.verbose or args.command == "serve"  # a server's log says what happened
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -3,7 +3,9 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import pytest
 import torch
 
 from kvmw.quantizers import make_codec
@@ -122,6 +124,33 @@ def test_demo_runs_cold_warm_and_restarted_phases_with_identical_answers():
     assert all(r[2] == "256" and r[5] == "yes" for r in warm)  # 4 chunks of 64 reused, same answer
 
 
+def _assert_figure(path: Path, command: str) -> None:
+    """A PNG stamped with the command that made it and the machine it ran on."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size[0] >= 600
+        text = img.text
+    assert text["Description"].startswith(command), text
+    assert f"{len(os.sched_getaffinity(0))} CPU cores" in text["Source"] and "torch" in text["Source"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["prefix", "--tokens", "256", "--chunk-size", "128", "--tiers", "cpu", "disk", "--codecs", "none", "int8",
+     "--repeat", "1", "--steps", "2"],
+    ["eviction", "--policies", "snapkv", "streaming_llm", "--budgets", "50%", "25%", "--context", "256",
+     "--fidelity-samples", "1", "--steps", "4", "--repeat", "1", "--no-kvpress"],
+    ["codecs", "--codecs", "int8", "kivi2", "--context", "128", "--held-out", "64", "--repeat", "1"],
+], ids=lambda a: a[0])
+def test_bench_figures_state_their_command_and_machine(tmp_path, argv):
+    """Each bench with a figure writes it beside --json: what docs/benchmarks.md shows."""
+    out = tmp_path / f"{argv[0]}.json"
+    res = _kvmw("bench", *argv, "--json", str(out))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert json.loads(out.read_text())["model"] == "smollm2"
+    _assert_figure(tmp_path / f"{argv[0]}.png", "kvmw bench " + " ".join(argv[:3]))
+
+
 def test_bench_rag_writes_the_issue_keys_per_strategy_and_ratio(tmp_path):
     """`kvmw bench rag` on SmolLM2: the issue's keys for every strategy and ratio asked for,
     full prefill as its own baseline, and no CacheBlend run when `--ratios` names none."""
@@ -139,6 +168,7 @@ def test_bench_rag_writes_the_issue_keys_per_strategy_and_ratio(tmp_path):
     assert rag["query_aware"]["1"]["agreement"] == 1  # everything recomputed: full prefill's answer
     assert rag["full_reuse"]["0"]["work"] < rag["query_aware"]["0.15"]["work"] < rag["query_aware"]["1"]["work"]
     assert "x full prefill" in res.stdout
+    _assert_figure(tmp_path / "rag.png", "kvmw bench rag --questions 2")
 
     none = _kvmw("bench", "rag", "--questions", "1", "--doc-tokens", "64", "--ratios", "--query-aware-ratios",
                  "--steps", "2", "--json", str(out))

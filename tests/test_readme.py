@@ -26,19 +26,27 @@ from kvmw.config import KVMWConfig
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 BLOCKS = re.findall(r"^```(\w+)\n(.*?)^```", README, flags=re.S | re.M)
-PYTHON = [code for lang, code in BLOCKS if lang == "python"]
+#: a block whose first line is ``# name.py`` is a script of its own; the others one session
+SCRIPTS = {m.group(1): code for lang, code in BLOCKS if lang == "python"
+           for m in [re.match(r"# (\w+\.py)\n", code)] if m}
+PYTHON = [code for lang, code in BLOCKS if lang == "python" and code not in SCRIPTS.values()]
 SHELL = [code for lang, code in BLOCKS if lang == "sh"]
+
+
+def _run_script(script: Path, tmp_path: Path, timeout: float, env: dict[str, str] | None = None) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "KVMW_DISK_PATH": str(tmp_path / "store"),
+           "KVMW_REDIS_PREFIX": f"readme-{uuid.uuid4().hex[:8]}:", "TOKENIZERS_PARALLELISM": "false",
+           **(env or {})}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc.stdout
 
 
 def _run_python(code: str, tmp_path: Path, timeout: float) -> None:
     script = tmp_path / "readme_session.py"
-    # as the README says for scripts: vLLM spawns its engine, which re-imports __main__
     script.write_text('if __name__ == "__main__":\n' + "".join(f"    {line}\n" for line in code.splitlines()))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "KVMW_DISK_PATH": str(tmp_path / "store"),
-           "KVMW_REDIS_PREFIX": f"readme-{uuid.uuid4().hex[:8]}:", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    _run_script(script, tmp_path, timeout)
 
 
 def _commands(block: str) -> list[str]:
@@ -54,6 +62,37 @@ def test_the_readme_has_the_snippets_this_test_runs():
 
 def test_the_python_snippets_run_as_one_session(model_path, tmp_path):
     _run_python("\n".join(PYTHON), tmp_path, timeout=900)
+
+
+@pytest.mark.vllm
+def test_the_offline_vllm_script_run_twice_answers_the_second_time_from_the_disk_tier(model_path, tmp_path):
+    """As the README says: the same answer, the prompt's full chunks read from disk by a
+    fresh process (vLLM's own prefix cache died with the first)."""
+    pytest.importorskip("vllm")
+    script = tmp_path / "offline_vllm.py"
+    script.write_text(SCRIPTS["offline_vllm.py"])
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    runs = [_run_script(script, tmp_path, 600, env) for _ in range(2)]
+    found = [re.search(r"^(\d+) prompt tokens from cache: (.*)$", out, flags=re.M) for out in runs]
+    assert all(found), runs
+    (cold, cold_text), (warm, warm_text) = [(int(m.group(1)), m.group(2)) for m in found]
+    assert cold == 0 and warm >= 256 and warm % 256 == 0 and warm_text == cold_text, (cold, warm)
+    assert any((tmp_path / "store").rglob("*")), "the first run left nothing on disk"
+
+
+def test_the_served_tests_start_the_readmes_server_command():
+    """The served tests (test_vllm_served.py) start vLLM by `server_command`: it is the
+    README's command, flag for flag (the model path and the listening address aside)."""
+    from kvmw.testing.vllm_server import server_command
+
+    line = next(c for block in SHELL for c in _commands(block) if c.startswith("python -m vllm."))
+    readme = shlex.split(line)
+    cmd = server_command("MODEL", 8000, {}, ())
+    assert cmd[1:3] == readme[1:3]
+    readme_flags = dict(zip(readme[3::2], readme[4::2]))
+    flags = dict(zip(cmd[3::2], cmd[4::2]))
+    assert {k for k in flags if k not in ("--host", "--port")} == set(readme_flags)
+    assert json.loads(flags["--kv-transfer-config"]) == json.loads(readme_flags["--kv-transfer-config"])
 
 
 def _check_json_args(words: list[str]) -> None:

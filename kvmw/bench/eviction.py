@@ -42,6 +42,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kvmw.bench import plots
 from kvmw.bench.common import machine, print_table, write_json
 
 POLICIES = ["streaming_llm", "h2o", "snapkv", "tova", "knorm", "kvzip", "kvzip_layer"]
@@ -298,7 +299,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out["eviction"] = results
     _print(out, args)
     write_json(args.json, out)
+    if plots.plot_path(args):
+        _plot(out, args, plots.plot_path(args))
     return out
+
+
+def _plot(out: dict[str, Any], args: argparse.Namespace, path: str) -> None:
+    """Needle accuracy (or, without the needle run, greedy agreement) against the budget,
+    one line per policy, beside the full cache."""
+    plt = plots.pyplot()
+    metric = "accuracy" if args.needle else "agreement"
+    fig, ax = plt.subplots(figsize=(8, 5))
+    tags = out["budgets"]
+    for name, per in out["eviction"].items():
+        ax.plot(range(len(tags)), [per[t][metric] for t in tags], "o-", label=name)
+    if metric == "accuracy":
+        ax.axhline(out["full_accuracy"], color="k", ls="--", lw=1, label="full cache")
+    ax.set_xticks(range(len(tags)), [f"{t} kept" for t in tags])
+    ax.set_xlabel("KV budget")
+    ax.set_ylabel(f"needle accuracy ({args.samples} prompts)" if metric == "accuracy"
+                  else f"greedy agreement with the full cache ({args.steps} steps)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    plots.save(fig, path, f"Token eviction, {args.model}, ~{args.context}-token contexts: {metric} vs budget", args)
 
 
 def _grade_kvpress(kp: dict[str, Any], tasks: list[dict[str, Any]], budgets: list[Any], tok: Any) -> dict[str, Any]:
@@ -359,6 +383,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kvpress-python", default=f"{KVPRESS_VENV}/bin/python", help="python of the kvpress venv (made on first use)")
     p.add_argument("--kvpress-timeout", type=int, default=7200, help="seconds before the kvpress run is stopped")
     p.add_argument("--json", default="", help="write the results here (JSON)")
+    plots.add_plot_argument(p, "accuracy vs budget per policy")
 
 
 def finalize_args(args: argparse.Namespace) -> None:

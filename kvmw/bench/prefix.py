@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from kvmw.bench import plots
 from kvmw.bench.common import drop_page_cache, machine, median_seconds, print_table, write_json
 from kvmw.memory import allocator_setting, tune_allocator
 
@@ -201,7 +202,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
            "kvmw_cold_s": prefix["kvmw_cold_s"], "cache": caches, "model": args.model,
            "tokens": args.tokens, "allocator": allocator_setting(), "machine": machine()}
     write_json(args.json, out)
+    if plots.plot_path(args):
+        _plot(out, args, plots.plot_path(args))
     return out
+
+
+def _plot(out: dict[str, Any], args: argparse.Namespace, path: str) -> None:
+    """Warm TTFT per tier (groups) and codec (bars) beside the cold prefill and kvmw's cold run."""
+    plt = plots.pyplot()
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    tiers, codecs = args.tiers, args.codecs
+    width = 0.8 / len(codecs)
+    for j, codec in enumerate(codecs):
+        xs = [i + (j - (len(codecs) - 1) / 2) * width for i in range(len(tiers))]
+        ys = [out["prefix"][t][codec]["ttft_s"] for t in tiers]
+        bars = ax.bar(xs, ys, width, label=f"warm, codec {codec}")
+        ax.bar_label(bars, labels=[f"{out['cold_s'] / y:.0f}x" for y in ys], fontsize=7)
+    ax.axhline(out["cold_s"], color="k", ls="--", lw=1, label=f"cold: plain generate ({out['cold_s']:.2f} s)")
+    ax.axhline(out["kvmw_cold_s"], color="0.5", ls=":", lw=1,
+               label=f"cold with kvmw: prefill + store ({out['kvmw_cold_s']:.2f} s)")
+    ax.set_xticks(range(len(tiers)), [f"{t} tier" for t in tiers])
+    ax.set_yscale("log")
+    ax.set_ylabel("time to first token, s (log; bar labels: speedup over cold)")
+    ax.legend(fontsize=8, loc="center right")
+    ax.grid(axis="y", alpha=0.3)
+    plots.save(fig, path, f"HF prefix reuse, {args.model}, {args.tokens}-token document: TTFT cold vs warm per tier",
+               args)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -213,3 +239,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", type=int, default=3, help="warm TTFT runs per cell (median)")
     p.add_argument("--steps", type=int, default=64, help="decode steps per generation cache")
     p.add_argument("--json", default="", help="write the results here (JSON)")
+    plots.add_plot_argument(p, "TTFT cold vs warm per tier and codec")

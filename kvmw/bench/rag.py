@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kvmw.bench import plots
 from kvmw.bench.common import machine, print_table, write_json
 from kvmw.text_data import RAG_PREAMBLE as PREAMBLE
 from kvmw.text_data import STAND_IN_ESSAYS, code_question, fact_documents, stand_in_documents
@@ -163,7 +164,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print_table(["strategy", "ratio", "TTFT s", "x full prefill", "median x", "work", "accuracy", "x full acc",
                  f"agreement ({args.steps})", "KL first token", "recomputed tokens"], rows)
     write_json(args.json, out)
+    if plots.plot_path(args):
+        _plot(out, args, plots.plot_path(args))
     return out
+
+
+def _plot(out: dict[str, Any], args: argparse.Namespace, path: str) -> None:
+    """Accuracy against TTFT (median per-task ratio over full prefill), one point per
+    strategy and ratio: up and to the left is better."""
+    plt = plots.pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for strategy, per in out["rag"].items():
+        xs = [c["ttft_ratio_median"] for c in per.values()]
+        ys = [c["accuracy"] for c in per.values()]
+        ax.plot(xs, ys, "o-" if len(xs) > 1 else "o", label=strategy)
+        for ratio, x, y in zip(per, xs, ys):
+            ax.annotate(ratio, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel("TTFT over full prefill (median per task; documents warm in the CPU tier)")
+    ax.set_ylabel(f"accuracy ({out['questions']} questions)")
+    ax.set_xlim(left=0)
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    plots.save(fig, path, f"RAG blending, {args.model}, {args.docs} documents of {args.doc_tokens} tokens: "
+               "accuracy vs TTFT per strategy (point labels: recompute ratio)", args)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -187,3 +211,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="documents of the stand-in (--document-context stand_in)")
     p.add_argument("--seed", type=int, default=0, help="sampling of documents and questions")
     p.add_argument("--json", default="", help="write the results here (JSON)")
+    plots.add_plot_argument(p, "accuracy vs TTFT per strategy and ratio")
