@@ -72,6 +72,8 @@ class KVMWConfig:
     remote_timeout: float = 2.0
     #: Write-through queue length (blobs); a full queue drops the write and counts it.
     write_queue: int = 64
+    #: Write-through queue bound in bytes (the queued blobs stay in memory until written).
+    write_queue_bytes: int = 256 << 20
     #: Seconds an unhealthy tier is skipped before the first retry; doubles up to 60 s.
     retry_backoff: float = 1.0
     #: vLLM: bytes of gathered KV the worker's background saver may hold queued; a step
@@ -84,7 +86,8 @@ class KVMWConfig:
     #: them; past it the request is recomputed instead of waiting on the tier.
     load_timeout: float = 1.0
 
-    _SIZE_FIELDS = ("gpu_capacity", "cpu_capacity", "disk_capacity", "redis_part_size", "save_queue_bytes")
+    _SIZE_FIELDS = ("gpu_capacity", "cpu_capacity", "disk_capacity", "redis_part_size", "save_queue_bytes",
+                   "write_queue_bytes")
 
     def __post_init__(self) -> None:
         for name in self._SIZE_FIELDS:

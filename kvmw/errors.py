@@ -43,3 +43,9 @@ class LayoutError(KVMWError, ValueError):
 
 class TierError(KVMWError):
     """A storage tier failed (down, full, refused); the store skips it."""
+
+
+class KeyRejectedError(TierError):
+    """This tier cannot hold or read this one key (a name too long for the file system,
+    a value over a limit, a server refusing one command): the tier itself answered and
+    stays in use. The store counts it as a per-key error, never as the tier being down."""

@@ -11,6 +11,13 @@ truncation by hand) is caught by the store and deleted.
 
 Durability promise: once `put` returns True the blob survives kill -9 and
 power loss (file and folder are fsync'd).
+
+A put reserves its bytes in the index before the file exists (so concurrent puts
+cannot overshoot capacity); a `get` meeting no file for a key being written is a
+miss that keeps the reservation, and a write that finishes after its key was
+deleted or evicted removes its file, so no file is ever left outside the index.
+A key that cannot be a file name (not alphanumeric, longer than the file system
+allows) is a `KeyRejectedError`: that key is not for this tier, the tier is fine.
 """
 
 from __future__ import annotations
@@ -21,12 +28,14 @@ import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from kvmw.errors import TierError
+from kvmw.errors import KeyRejectedError, TierError
 from kvmw.storage_tiers.base import BytesLike, CapacityIndex, Tier
 from kvmw.storage_tiers.policies import make_policy
 
 SUFFIX = ".kvmw"
 TMP_PREFIX = ".tmp-"
+#: longest key: the temp file's name (prefix + name + 9 characters) within NAME_MAX (255)
+MAX_KEY = 255 - len(TMP_PREFIX) - len(SUFFIX) - 9
 
 
 class DiskTier(Tier):
@@ -38,12 +47,14 @@ class DiskTier(Tier):
         self.root = Path(root)
         self.fsync = fsync
         self._index = CapacityIndex(capacity, make_policy(policy))
+        self._writing: dict[str, int] = {}  # key -> puts of it in flight (under the index lock)
         self.root.mkdir(parents=True, exist_ok=True)
         self._rebuild_index()
 
     def path(self, key: str) -> Path:
-        if len(key) < 4 or not key.isalnum():
-            raise TierError(f"disk tier keys are alphanumeric, got {key!r}")
+        if not 4 <= len(key) <= MAX_KEY or not key.isascii() or not key.isalnum():
+            raise KeyRejectedError(f"disk tier keys are 4 to {MAX_KEY} ASCII letters and digits, "
+                                   f"got {len(key)} characters: {key[:40]!r}")
         return self.root / key[:2] / key[2:4] / (key + SUFFIX)
 
     def _rebuild_index(self) -> None:
@@ -73,6 +84,7 @@ class DiskTier(Tier):
                 return False
             # Reserve the space now so concurrent puts don't overshoot capacity.
             self._index.add(key, mv.nbytes, cost)
+            self._writing[key] = self._writing.get(key, 0) + 1
         for v in victims:
             _unlink(self.path(v))
         if victims:
@@ -82,10 +94,21 @@ class DiskTier(Tier):
         except BaseException:
             with self._index.lock:
                 self._index.remove(key)
+                self._done_writing(key)
             raise
+        with self._index.lock:
+            self._done_writing(key)
+            if key not in self._index:  # deleted or evicted while being written: not kept
+                _unlink(final)
+                return False
         self.counters.puts += 1
         self.counters.bytes_written += mv.nbytes
         return True
+
+    def _done_writing(self, key: str) -> None:
+        left = self._writing.pop(key) - 1
+        if left:
+            self._writing[key] = left
 
     def _write(self, final: Path, mv: memoryview) -> None:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -118,9 +141,10 @@ class DiskTier(Tier):
             return None
         try:
             fd = os.open(self.path(key), os.O_RDONLY)
-        except FileNotFoundError:  # removed behind our back
+        except FileNotFoundError:
             with self._index.lock:
-                self._index.remove(key)
+                if key not in self._writing:  # removed behind our back (not still being written)
+                    self._index.remove(key)
             self._miss()
             return None
         try:
@@ -145,7 +169,11 @@ class DiskTier(Tier):
     def delete(self, key: str) -> None:
         with self._index.lock:
             self._index.remove(key)
-        _unlink(self.path(key))
+        try:
+            path = self.path(key)
+        except KeyRejectedError:  # no such file can exist
+            return
+        _unlink(path)  # a write of it still in flight removes its own file when it lands
 
     def entries(self) -> Iterator[tuple[str, int]]:
         with self._index.lock:

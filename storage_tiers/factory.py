@@ -50,4 +50,5 @@ def build_store(config: KVMWConfig | None = None) -> TieredStore:
             log.warning("kvmw tier %s left out: %s", name, e)
     if not tiers:
         raise ConfigError(f"none of the tiers {config.tiers} could be created")
-    return TieredStore(tiers, write_queue=config.write_queue, retry_backoff=config.retry_backoff)
+    return TieredStore(tiers, write_queue=config.write_queue, retry_backoff=config.retry_backoff,
+                       write_queue_bytes=config.write_queue_bytes)

@@ -9,11 +9,15 @@
   that tier, counted, and the search goes on (so a corrupt disk copy can still
   be answered from Redis).
 - `put` writes to the top tier synchronously and queues the write to the lower
-  tiers on a bounded queue drained by one thread. A full queue drops the write
-  and counts it: the engine never waits on disk or network.
+  tiers on a queue drained by one thread, bounded by blobs and by bytes (queued
+  blobs stay pinned in memory after the memory tier let them go). A full queue
+  drops the write and counts it: the engine never waits on disk or network.
 - A tier that raises is marked unhealthy and skipped for a backoff that doubles
-  per consecutive failure (up to 60 s); the next call after the backoff is the
-  probe. The caller sees a miss, never the exception.
+  per consecutive failure (up to 60 s); after the backoff exactly one caller
+  probes it (the others keep skipping it until the probe answered). The caller
+  sees a miss, never the exception. A `KeyRejectedError` (one key the tier cannot
+  hold: a name too long, a value over a limit) is counted per key and leaves the
+  tier healthy: one bad key must not take a tier away from every other key.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvmw.blob import parse_blob
-from kvmw.errors import BlobError, ForeignModelError
+from kvmw.errors import BlobError, ForeignModelError, KeyRejectedError
 from kvmw.storage_tiers.base import BytesLike, Tier
 
 log = logging.getLogger("kvmw.store")
@@ -43,11 +47,12 @@ class _Health:
     failures: int = 0
     retry_at: float = 0.0
     last_error: str = ""
+    probing: bool = False  # one caller is probing the unhealthy tier now
 
 
 class TieredStore:
     def __init__(self, tiers: Sequence[Tier], write_queue: int = 64, retry_backoff: float = 1.0,
-                 validate: bool = True) -> None:
+                 validate: bool = True, write_queue_bytes: int = 256 << 20) -> None:
         if not tiers:
             raise ValueError("a TieredStore needs at least one tier")
         self.tiers = list(tiers)
@@ -55,10 +60,12 @@ class TieredStore:
         self.validate = validate
         self._health = {id(t): _Health() for t in self.tiers}
         self.counts = {"hits": 0, "misses": 0, "corrupt": 0, "foreign": 0, "tier_errors": 0,
-                       "dropped_writes": 0, "queued_writes": 0, "superseded_writes": 0}
+                       "key_errors": 0, "dropped_writes": 0, "queued_writes": 0, "superseded_writes": 0}
         self.corrupt_by_tier = {t.name: 0 for t in self.tiers}
         self._lock = threading.Lock()
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(write_queue, 1))
+        self.write_queue_bytes = write_queue_bytes
+        self._queued_bytes = 0  # bytes of the blobs in the queue (under _lock)
         # key -> [newest event (put seq, or -1 after a delete), queued writes]: a queued write
         # that a newer put or a delete superseded is skipped (never resurrects a deleted key)
         self._pending: dict[str, list[int]] = {}
@@ -70,18 +77,33 @@ class TieredStore:
 
     # ---- health -----------------------------------------------------------------------
     def _available(self, tier: Tier) -> bool:
+        """Healthy, or past its backoff with no probe running (this caller becomes the probe)."""
         h = self._health[id(tier)]
-        return h.healthy or time.monotonic() >= h.retry_at
+        if h.healthy:
+            return True
+        with self._lock:
+            if h.healthy:
+                return True
+            if h.probing or time.monotonic() < h.retry_at:
+                return False
+            h.probing = True
+            return True
 
     def guarded(self, tier: Tier, op: str, *args: Any) -> tuple[bool, Any]:
         """Run tier.op(*args) under the health rules: (False, None) when the tier
-        is being skipped or just failed, else (True, result)."""
+        is being skipped, just failed or rejected this key, else (True, result)."""
         if not self._available(tier):
             return False, None
         h = self._health[id(tier)]
         t0 = time.perf_counter()
         try:
             result = getattr(tier, op)(*args)
+        except KeyRejectedError as e:  # the tier answered: it is up, this key is not for it
+            log.debug("kvmw tier %s rejected a key: %s", tier.name, e)
+            with self._lock:
+                self.counts["key_errors"] += 1
+            self._up(tier, h)
+            return False, None
         except Exception as e:  # any tier failure is a miss, never the engine's problem
             with self._lock:
                 self.counts["tier_errors"] += 1
@@ -91,15 +113,18 @@ class TieredStore:
                 if h.healthy:
                     log.warning("kvmw tier %s failed (%s: %s); skipping it for %.1fs",
                                 tier.name, type(e).__name__, e, backoff)
-                h.healthy, h.last_error = False, f"{type(e).__name__}: {e}"
+                h.healthy, h.probing, h.last_error = False, False, f"{type(e).__name__}: {e}"
             return False, None
-        if not h.healthy:
-            log.warning("kvmw tier %s is healthy again", tier.name)
-            with self._lock:
-                h.healthy, h.failures = True, 0
+        self._up(tier, h)
         for obs in self._observers:
             obs(tier.name, _OP_LABEL.get(op, op), time.perf_counter() - t0)
         return True, result
+
+    def _up(self, tier: Tier, h: _Health) -> None:
+        if not h.healthy:
+            log.warning("kvmw tier %s is healthy again", tier.name)
+            with self._lock:
+                h.healthy, h.failures, h.probing = True, 0, False
 
     def last_error(self, tier: Tier) -> str:
         return self._health[id(tier)].last_error
@@ -216,7 +241,15 @@ class TieredStore:
     def _enqueue(self, key: str, blob: BytesLike, cost: float, tiers: list[Tier]) -> bool:
         if not tiers or self._closed:
             return False
-        with self._lock:  # noted before queueing, so the writer always finds the entry
+        nbytes = memoryview(blob).nbytes
+        with self._lock:
+            # bounded by bytes too: queued blobs stay pinned after the memory tier let them go
+            # (one blob always fits an empty queue, or a large blob could never be written)
+            if self._queued_bytes and self._queued_bytes + nbytes > self.write_queue_bytes:
+                self.counts["dropped_writes"] += 1
+                return False
+            self._queued_bytes += nbytes
+            # noted before queueing, so the writer always finds the entry
             self._seq += 1
             seq = self._seq
             entry = self._pending.setdefault(key, [seq, 0])
@@ -227,6 +260,7 @@ class TieredStore:
         except queue.Full:
             with self._lock:
                 self.counts["dropped_writes"] += 1
+                self._queued_bytes -= nbytes
                 entry[1] -= 1
                 if entry[0] == seq:
                     entry[0] = previous
@@ -262,6 +296,8 @@ class TieredStore:
                 if current and deleted:  # deleted while being written: undo the write
                     for tier in tiers:
                         self.guarded(tier, "delete", key)
+                with self._lock:
+                    self._queued_bytes -= memoryview(blob).nbytes
             finally:
                 self._queue.task_done()
 
@@ -288,7 +324,8 @@ class TieredStore:
             h = self._health[id(t)]
             tiers[t.name] = {**t.stats(), "healthy": h.healthy,
                              "last_error": h.last_error, "corrupt": self.corrupt_by_tier[t.name]}
-        return {**self.counts, "write_queue_depth": self._queue.qsize(), "tiers": tiers}
+        return {**self.counts, "write_queue_depth": self._queue.qsize(), "write_queue_bytes": self._queued_bytes,
+                "tiers": tiers}
 
     def connect_remote(self) -> threading.Thread | None:
         """Connect the remote tiers on a thread of their own, now: the first lookup or

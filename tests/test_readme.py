@@ -129,3 +129,12 @@ def test_each_shell_command_works_in_its_dry_form(line):
         raise AssertionError(f"the README test does not know how to check {line!r}")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def test_the_configuration_table_lists_every_kvmwconfig_field():
+    import dataclasses
+
+    table = README[README.index("## Configuration"):].split("\n## ")[0]
+    rows = re.findall(r"^\| `([a-z_]+)`(?: / `([a-z_]+)`)?(?: / `([a-z_]+)`)? \|", table, flags=re.M)
+    listed = {name for row in rows for name in row if name}
+    assert listed == {f.name for f in dataclasses.fields(KVMWConfig)}

@@ -256,3 +256,95 @@ def test_queued_writes_superseded_by_a_newer_put_or_a_delete_are_skipped():
     assert not slow.contains([key_of(2)])[0] and store.get(key_of(2)) is None
     assert store._pending == {}
     store.close()
+
+
+def test_write_queue_is_bounded_by_bytes_too():
+    """64 blobs of a few MiB each would pin hundreds of MiB after the memory tier let them go."""
+    slow = _SlowTier()
+    size = len(blob_of(64))
+    store = TieredStore([CPUTier(1 << 30), slow], write_queue=1000, write_queue_bytes=3 * size)
+    for i in range(10):
+        store.put(key_of(i), blob_of(64, i))
+    st = store.stats()
+    assert st["write_queue_bytes"] <= 3 * size and st["write_queue_depth"] <= 3
+    assert store.counts["dropped_writes"] >= 6
+    slow.gate.set()
+    assert store.flush(10) and store.stats()["write_queue_bytes"] == 0
+    assert sum(slow.contains([key_of(i) for i in range(10)])) == 10 - store.counts["dropped_writes"]
+    store.put(key_of(99), bytearray(5 * size))  # larger than the bound, queue empty: still written
+    assert store.flush(10) and slow.contains([key_of(99)]) == [True]
+    store.close()
+
+
+def test_a_key_too_long_for_a_file_name_is_a_per_key_error_and_the_disk_stays_in_use(tmp_path):
+    """ENAMETOOLONG used to mark the disk unhealthy for everyone (up to 60 s)."""
+    store = TieredStore([CPUTier(1 << 30), DiskTier(tmp_path, 1 << 30)], retry_backoff=60)
+    long_key = "a" * 400
+    assert store.put(long_key, blob_of(8))  # the memory tier holds it
+    assert store.flush(5)
+    store.put(key_of(2), blob_of(8, 2))
+    assert store.flush(5)
+    assert store.healthy() == {"cpu": True, "disk": True}
+    assert store.counts["key_errors"] == 1 and store.counts["tier_errors"] == 0
+    assert store.tiers[1].contains([long_key, key_of(2)]) == [False, True]
+    assert store.get(long_key) is not None
+    store.delete(long_key)  # nothing on disk to delete: no error either
+    assert store.counts["tier_errors"] == 0
+    store.close()
+
+
+def test_a_redis_error_reply_about_one_key_leaves_redis_in_use(redis_url, redis_prefix):
+    """A key holding another type (WRONGTYPE) is that key's problem, not Redis being down."""
+    import redis
+
+    tier = RedisTier(redis_url, prefix=redis_prefix)
+    store = TieredStore([tier], retry_backoff=60)
+    client = redis.Redis.from_url(redis_url)
+    client.lpush(tier._key(key_of(1)), b"x")  # someone else's list where our record would be
+    try:
+        assert store.put(key_of(2), blob_of(8))
+        assert store.get(key_of(1)) is None  # GET of a list: an error reply
+        assert store.healthy() == {"redis": True} and store.counts["tier_errors"] == 0
+        assert store.counts["key_errors"] == 1
+        assert store.get(key_of(2)) is not None  # no backoff: the next key is read at once
+    finally:
+        client.delete(tier._key(key_of(1)), tier._key(key_of(2)))
+        store.close()
+
+
+class _FlakyTier(CPUTier):
+    """Fails while `down` is set; each call after that takes `delay` seconds."""
+
+    name = "flaky"
+    in_memory = False
+
+    def __init__(self, delay: float):
+        super().__init__(1 << 30)
+        self.down, self.delay, self.calls = True, delay, 0
+        self._calls_lock = threading.Lock()
+
+    def get_many(self, keys):
+        with self._calls_lock:
+            self.calls += 1
+        if self.down:
+            raise ConnectionError("down")
+        time.sleep(self.delay)
+        return super().get_many(keys)
+
+
+def test_after_a_backoff_exactly_one_caller_probes_the_tier():
+    flaky = _FlakyTier(delay=0.3)
+    store = TieredStore([CPUTier(1 << 30), flaky], retry_backoff=0.05)
+    assert store.get(key_of(1)) is None and store.healthy()["flaky"] is False
+    flaky.down, flaky.calls = False, 0
+    time.sleep(0.1)  # past the backoff
+    threads = [threading.Thread(target=store.get, args=(key_of(i),)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert flaky.calls == 1  # one probe; the 7 others skipped the tier while it ran
+    assert store.healthy()["flaky"] is True
+    store.get(key_of(1))
+    assert flaky.calls == 2  # healthy again: everyone asks it
+    store.close()

@@ -203,3 +203,56 @@ def test_redis_cluster_url_uses_the_cluster_client(redis_cluster):
     assert t.get(key_of(0)) is None
     assert {k for k, _ in t.entries()} == set(blobs) - {key_of(0)}
     t.close()
+
+
+class _GatedDisk(DiskTier):
+    """A disk tier whose file writes wait at a gate: a put in flight, held open."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.gate = __import__("threading").Event()
+
+    def _write(self, final, mv):
+        self.gate.wait(10)
+        super()._write(final, mv)
+
+
+def _files(root):
+    return sorted(p.name[:-len(".kvmw")] for p in root.rglob("*.kvmw"))
+
+
+@pytest.mark.parametrize("meanwhile", ["get", "delete", "evict"])
+def test_a_put_in_flight_never_leaves_a_file_outside_the_index(tmp_path, meanwhile):
+    """get while the file is not there yet (used to drop the reservation and orphan the
+    file), delete and eviction of the key before its write lands."""
+    import threading
+
+    size = len(blob_of(8))
+    disk = _GatedDisk(tmp_path, capacity=size + size // 2)
+    writer = threading.Thread(target=disk.put, args=(key_of(1), blob_of(8)))
+    writer.start()
+    time.sleep(0.1)
+    if meanwhile == "get":
+        assert disk.get(key_of(1)) is None
+    elif meanwhile == "delete":
+        disk.delete(key_of(1))
+    else:  # a second put needs the room: key 1, reserved but not yet written, is evicted
+        second = threading.Thread(target=disk.put, args=(key_of(3), blob_of(8, 3)))
+        second.start()
+        time.sleep(0.1)
+        assert [k for k, _ in disk.entries()] == [key_of(3)]
+    disk.gate.set()
+    writer.join()
+    if meanwhile == "evict":
+        second.join()
+    disk.gate.set()
+    writer.join()
+    indexed = sorted(k for k, _ in disk.entries())
+    assert _files(tmp_path) == indexed
+    if meanwhile == "get":
+        assert indexed == [key_of(1)] and bytes(disk.get(key_of(1))) == bytes(blob_of(8))
+    elif meanwhile == "delete":
+        assert indexed == []
+    else:
+        assert indexed == [key_of(3)]
+    assert disk.used_bytes() == sum(size for _, size in disk.entries())
