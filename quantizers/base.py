@@ -179,11 +179,13 @@ class Codec:
 
 def decode_blob(data: Any, expected_fingerprint: str | None = None,
                 device: torch.device | str | None = None,
-                out: torch.Tensor | None = None) -> tuple[torch.Tensor, BlobMeta]:
+                out: torch.Tensor | None = None, verify: bool = True) -> tuple[torch.Tensor, BlobMeta]:
     """Blob -> (canonical KV on `device`, default CPU; meta). Every failure is a typed `BlobError`.
     With `out` (a CPU tensor, possibly a view of a larger buffer) the KV is decoded into
-    it and `out` is returned; a blob of another shape is a `CorruptBlobError`."""
-    blob = parse_blob(data, expected_fingerprint)
+    it and `out` is returned; a blob of another shape is a `CorruptBlobError`.
+    `verify=False` skips the checksum: only for bytes a validating `TieredStore` just
+    returned (it checked them; hashing every loaded byte twice costs a whole pass)."""
+    blob = parse_blob(data, expected_fingerprint, verify=verify)
     meta = blob.meta
     params = dict(meta.codec_params)
     lossless_params = params.pop("lossless", None)

@@ -140,3 +140,23 @@ def test_redis_dying_mid_load_falls_back_to_recomputation(smollm2, prompt, refer
     assert torch.equal(out, reference.sequences)
     assert hook.stats()["tokens_reused"] == 2 * CS and hook.stats()["load_failures"] == 1
     hook.close()
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_each_loaded_chunk_is_checksummed_once(smollm2, prompt, monkeypatch, validate):
+    """The store validates what it returns; the decoder does not hash the same bytes again
+    (hashing is a full pass over every loaded byte). A store that does not validate leaves
+    it to the decoder, so the count is one either way."""
+    import kvmw.blob
+
+    model, tok = smollm2
+    hook = make_hook(model, tok, TieredStore([CPUTier(1 << 30)], validate=validate))
+    hook.generate(prompt, **GEN)
+    hashed = []
+    real = kvmw.blob._checksum
+    monkeypatch.setattr(kvmw.blob, "_checksum", lambda mv: hashed.append(mv.nbytes) or real(mv))
+    hook.generate(prompt, **GEN)
+    assert hook.stats()["chunk_hits"] == 4
+    stored = [nbytes for _, nbytes in hook.store.tiers[0].entries()]
+    assert sorted(hashed) == sorted(stored)  # each loaded blob once, nothing else
+    hook.close()

@@ -61,6 +61,14 @@ def pyplot() -> Any:
     return plt
 
 
+def plain_log_ticks(ax: Any) -> None:
+    """A log y axis labelled 0.3, 1, 6 rather than 3x10^-1, 10^0, 6x10^0."""
+    from matplotlib.ticker import FormatStrFormatter
+
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+
+
 def save(fig: Any, path: str, title: str, args: argparse.Namespace) -> str:
     """Title the figure, stamp command and machine under it (and in the PNG's ``Description``
     and ``Source`` text chunks), write the PNG."""

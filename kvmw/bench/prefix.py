@@ -223,6 +223,7 @@ def _plot(out: dict[str, Any], args: argparse.Namespace, path: str) -> None:
                label=f"cold with kvmw: prefill + store ({out['kvmw_cold_s']:.2f} s)")
     ax.set_xticks(range(len(tiers)), [f"{t} tier" for t in tiers])
     ax.set_yscale("log")
+    plots.plain_log_ticks(ax)
     ax.set_ylabel("time to first token, s (log; bar labels: speedup over cold)")
     ax.legend(fontsize=8, loc="center right")
     ax.grid(axis="y", alpha=0.3)
