@@ -29,6 +29,7 @@ _STORE_COUNTERS = {
     "corrupt": "Corrupt blobs dropped",
     "foreign": "Blobs of another model dropped",
     "tier_errors": "Tier calls that failed",
+    "key_errors": "Tier calls refused for one key (the tier stayed in use)",
     "dropped_writes": "Write-throughs dropped because the queue was full",
 }
 

@@ -12,6 +12,11 @@
   tiers on a queue drained by one thread, bounded by blobs and by bytes (queued
   blobs stay pinned in memory after the memory tier let them go). A full queue
   drops the write and counts it: the engine never waits on disk or network.
+- A write-through that was dropped (full queue) or failed (a tier down or
+  refusing) leaves its key in `unwritten`; `sync` writes those keys again from
+  the top tier and says which are still not in every lower tier, so a caller
+  promising durability (`kvmw serve`'s KVMW.SYNC) can tell the truth. `has_room`
+  lets a caller that must not drop wait for the queue instead.
 - A tier that raises is marked unhealthy and skipped for a backoff that doubles
   per consecutive failure (up to 60 s); after the backoff exactly one caller
   probes it (the others keep skipping it until the probe answered). The caller
@@ -37,6 +42,8 @@ from kvmw.storage_tiers.base import BytesLike, Tier
 log = logging.getLogger("kvmw.store")
 
 MAX_BACKOFF = 60.0
+#: keys remembered as not written through; past it only their count is kept (`sync` fails)
+MAX_UNWRITTEN = 1 << 17
 #: metrics label of a tier call (a batched read is a get)
 _OP_LABEL = {"get_many": "get"}
 
@@ -52,7 +59,8 @@ class _Health:
 
 class TieredStore:
     def __init__(self, tiers: Sequence[Tier], write_queue: int = 64, retry_backoff: float = 1.0,
-                 validate: bool = True, write_queue_bytes: int = 256 << 20) -> None:
+                 validate: bool = True, write_queue_bytes: int = 256 << 20,
+                 track_unwritten: bool = False) -> None:
         if not tiers:
             raise ValueError("a TieredStore needs at least one tier")
         self.tiers = list(tiers)
@@ -70,6 +78,11 @@ class TieredStore:
         # that a newer put or a delete superseded is skipped (never resurrects a deleted key)
         self._pending: dict[str, list[int]] = {}
         self._seq = 0
+        # key -> lower tiers it is not in although a put of it was acknowledged (kept only
+        # with track_unwritten: a server that promises durability; engines do not need it)
+        self.track_unwritten = track_unwritten
+        self.unwritten: dict[str, list[Tier]] = {}
+        self.unwritten_overflow = 0
         self._writer = threading.Thread(target=self._drain, name="kvmw-write-through", daemon=True)
         self._closed = False
         self._observers: list[Any] = []
@@ -183,7 +196,7 @@ class TieredStore:
                 self.guarded(tier, "put", key, blob)
             else:
                 later.append(tier)
-        self._enqueue(key, blob, 1.0, later)
+        self._enqueue(key, blob, 1.0, later, acknowledged=False)
 
     def _valid(self, tier: Tier, key: str, blob: BytesLike, fingerprint: str | None) -> bool:
         try:
@@ -238,7 +251,9 @@ class TieredStore:
                 return took is not False or queued
         return False
 
-    def _enqueue(self, key: str, blob: BytesLike, cost: float, tiers: list[Tier]) -> bool:
+    def _enqueue(self, key: str, blob: BytesLike, cost: float, tiers: list[Tier],
+                 acknowledged: bool = True) -> bool:
+        """Queue a write-through; `acknowledged`: a put's (a promotion's copy is not)."""
         if not tiers or self._closed:
             return False
         nbytes = memoryview(blob).nbytes
@@ -247,6 +262,8 @@ class TieredStore:
             # (one blob always fits an empty queue, or a large blob could never be written)
             if self._queued_bytes and self._queued_bytes + nbytes > self.write_queue_bytes:
                 self.counts["dropped_writes"] += 1
+                if acknowledged:
+                    self._note_unwritten(key, tiers)
                 return False
             self._queued_bytes += nbytes
             # noted before queueing, so the writer always finds the entry
@@ -256,11 +273,13 @@ class TieredStore:
             previous = entry[0]
             entry[0], entry[1] = seq, entry[1] + 1
         try:
-            self._queue.put_nowait((key, blob, cost, tiers, seq))
+            self._queue.put_nowait((key, blob, cost, tiers, seq, acknowledged))
         except queue.Full:
             with self._lock:
                 self.counts["dropped_writes"] += 1
                 self._queued_bytes -= nbytes
+                if acknowledged:
+                    self._note_unwritten(key, tiers)
                 entry[1] -= 1
                 if entry[0] == seq:
                     entry[0] = previous
@@ -277,15 +296,14 @@ class TieredStore:
             try:
                 if item is None:
                     return
-                key, blob, cost, tiers, seq = item
+                key, blob, cost, tiers, seq, acknowledged = item
                 with self._lock:
                     entry = self._pending.get(key)
                     current = entry is None or entry[0] == seq
                     if not current:
                         self.counts["superseded_writes"] += 1
                 if current:
-                    for tier in tiers:
-                        self.guarded(tier, "put", key, blob, cost)
+                    self._write_through(key, blob, cost, tiers, acknowledged)
                 with self._lock:
                     entry = self._pending.get(key)
                     deleted = entry is not None and entry[0] == -1
@@ -301,6 +319,57 @@ class TieredStore:
             finally:
                 self._queue.task_done()
 
+    def _write_through(self, key: str, blob: BytesLike, cost: float, tiers: list[Tier],
+                       acknowledged: bool = True) -> None:
+        failed = [t for t in tiers if self.guarded(t, "put", key, blob, cost) != (True, True)]
+        if not (acknowledged and self.track_unwritten):
+            return
+        with self._lock:
+            if failed:
+                self._note_unwritten(key, failed)
+            else:
+                self.unwritten.pop(key, None)
+
+    def _note_unwritten(self, key: str, tiers: list[Tier]) -> None:
+        """Under _lock."""
+        if not self.track_unwritten:
+            return
+        if key in self.unwritten or len(self.unwritten) < MAX_UNWRITTEN:
+            self.unwritten[key] = tiers
+        else:
+            self.unwritten_overflow += 1
+
+    def has_room(self, nbytes: int = 0) -> bool:
+        """Whether a write-through of `nbytes` would be queued now rather than dropped."""
+        with self._lock:
+            fits = not self._queued_bytes or self._queued_bytes + nbytes <= self.write_queue_bytes
+        return fits and not self._queue.full()
+
+    def sync(self, timeout: float | None = None) -> tuple[list[str], int]:
+        """Drain the queue, then write every acknowledged-but-unwritten key again from the
+        top tier, now and on this thread. Returns the keys still missing from a lower tier
+        (its tier down, the key refused, or the blob gone from the top tier before it was
+        written) and how many more were not even remembered; these are forgotten once
+        reported unless still retryable (the blob is still in the top tier)."""
+        self.flush(timeout)
+        with self._lock:
+            todo, overflow = dict(self.unwritten), self.unwritten_overflow
+            self.unwritten_overflow = 0
+        failed = []
+        for key, tiers in todo.items():
+            ok, blob = self.guarded(self.tiers[0], "get", key)
+            if not ok or blob is None:
+                with self._lock:
+                    if self.unwritten.get(key) is tiers:
+                        del self.unwritten[key]  # lost for good: reported once
+                failed.append(key)
+                continue
+            self._write_through(key, blob, 1.0, tiers)
+            with self._lock:
+                if key in self.unwritten:
+                    failed.append(key)
+        return failed, overflow
+
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until queued write-throughs are done; False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -314,6 +383,7 @@ class TieredStore:
         with self._lock:
             if key in self._pending:
                 self._pending[key][0] = -1
+            self.unwritten.pop(key, None)
         for tier in self.tiers:
             self.guarded(tier, "delete", key)
 

@@ -21,12 +21,14 @@ class ServerProcess:
         self.disk, self.extra = str(disk), extra
         self.port, self.http = free_port(), free_port()
         self.proc = None
+        self.env = {}
 
     def start(self):
         self.log = open(self.disk + ".log", "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kvmw", "serve", "--port", str(self.port), "--http-port", str(self.http),
-             "--disk-path", self.disk, *self.extra], stdout=subprocess.DEVNULL, stderr=self.log)
+             "--disk-path", self.disk, *self.extra], stdout=subprocess.DEVNULL, stderr=self.log,
+            env={**os.environ, **self.env})
         deadline = time.monotonic() + 30
         while not ping("127.0.0.1", self.port, 0.2):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -306,3 +308,157 @@ def test_sigkill_during_writes_keeps_every_synced_value_and_serves_nothing_torn(
             assert hashlib.sha256(value[32:]).digest() == value[:32]
     finally:
         s2.stop(signal.SIGKILL)
+
+
+def _metric(server, name):
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.http}/metrics", timeout=5).read().decode()
+    return float(next(line.split()[-1] for line in body.splitlines() if line.startswith(name + " ")))
+
+
+def test_sync_answers_an_error_while_acknowledged_writes_are_not_on_disk(tmp_path):
+    """The disk tier fails mid-run: SETs are still acknowledged (memory holds them), but
+    KVMW.SYNC must not promise they are durable; once the disk is back, SYNC writes them."""
+    import shutil
+
+    disk = tmp_path / "disk"
+    s = ServerProcess(disk).start()
+    try:
+        r = redis.Redis(port=s.port, socket_timeout=30)
+        r.set("before", b"x" * 1000)
+        assert r.execute_command("KVMW.SYNC") == b"OK"
+        shutil.rmtree(disk)
+        disk.write_text("not a folder")  # every disk write now fails
+        r.set("during", b"y" * 1000)
+        with pytest.raises(redis.exceptions.ResponseError, match="1 acknowledged writes are not on disk"):
+            r.execute_command("KVMW.SYNC")
+        assert r.get("during") == b"y" * 1000  # acknowledged: still served from memory
+        disk.unlink()
+        disk.mkdir()
+        time.sleep(1.2)  # past the disk tier's first backoff
+        assert r.execute_command("KVMW.SYNC") == b"OK"  # written again from memory
+        assert any(disk.rglob("*.kvmw"))
+    finally:
+        s.stop(signal.SIGKILL)
+
+
+def test_sync_on_a_memory_only_server_is_an_error(tmp_path):
+    s = ServerProcess(tmp_path / "disk", "--memory-only").start()
+    try:
+        r = redis.Redis(port=s.port)
+        r.set("k", b"v")
+        with pytest.raises(redis.exceptions.ResponseError, match="memory-only"):
+            r.execute_command("KVMW.SYNC")
+    finally:
+        s.stop(signal.SIGKILL)
+
+
+def test_a_full_write_queue_slows_acknowledgements_and_drops_nothing(tmp_path):
+    """8 clients write faster than fsync drains a 64 KiB queue: every SET is acknowledged
+    (later) or refused, none is dropped, and after SIGKILL all synced values are back."""
+    import threading
+
+    s = ServerProcess(tmp_path / "disk")
+    s.env = {"KVMW_WRITE_QUEUE_BYTES": "64KiB"}
+    s.start()
+    acked, errors = [], []
+
+    def client(c):
+        r = redis.Redis(port=s.port, socket_timeout=60)
+        for i in range(60):
+            key = f"c{c}:{i}"
+            try:
+                r.set(key, os.urandom(4096) + key.encode())
+                acked.append(key)
+            except redis.exceptions.ResponseError as e:
+                errors.append(str(e))
+
+    try:
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        r = redis.Redis(port=s.port, socket_timeout=60)
+        assert r.execute_command("KVMW.SYNC") == b"OK"
+        assert _metric(s, "kvmw_store_dropped_writes_total") == 0
+        assert _metric(s, "kvmw_server_write_waits_total") > 0  # the queue did fill: acks waited
+        assert len(acked) + len(errors) == 480 and all("BUSY" in e for e in errors)
+    finally:
+        s.stop(signal.SIGKILL)
+    s2 = ServerProcess(tmp_path / "disk").start()
+    try:
+        r = redis.Redis(port=s2.port)
+        assert all(r.get(k).endswith(k.encode()) for k in acked)
+    finally:
+        s2.stop(signal.SIGKILL)
+
+
+def _token_server(tmp_path, *extra):
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token\n")
+    return ServerProcess(tmp_path / "disk", "--host", "0.0.0.0", "--token-file", str(token_file), *extra).start()
+
+
+def test_unauthenticated_clients_cannot_make_the_server_allocate(tmp_path):
+    """Before AUTH a frame may carry a few small arguments: a 100 MB bulk header, a
+    100k-argument array or a silent client get an error at once, nothing is allocated."""
+    s = _token_server(tmp_path, "--auth-timeout", "1")
+    try:
+        for frame, why in ((b"*1\r\n$100000000\r\n", b"pre-auth limit"), (b"*100000\r\n", b"before AUTH")):
+            with socket.create_connection(("127.0.0.1", s.port), timeout=5) as sock:
+                sock.sendall(frame)
+                reply = sock.recv(4096)
+                assert reply.startswith(b"-ERR") and why in reply, reply
+                assert sock.recv(4096) == b""
+        with socket.create_connection(("127.0.0.1", s.port), timeout=5) as sock:
+            t0 = time.monotonic()
+            sock.sendall(b"*2\r\n$3\r\nGET\r\n")  # a slow-loris: never finishes the frame
+            assert sock.recv(4096).startswith(b"-NOAUTH") and sock.recv(4096) == b""
+            assert time.monotonic() - t0 < 4
+        r = redis.Redis(port=s.port, password="s3cret-token")
+        r.set("big", b"z" * (1 << 20))  # authenticated: the normal limits
+        assert len(r.get("big")) == 1 << 20
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis(port=s.port, password="wrong").ping()
+    finally:
+        s.stop(signal.SIGKILL)
+
+
+def test_the_token_comes_from_a_file_or_the_environment_not_the_command_line(tmp_path):
+    s = _token_server(tmp_path)
+    try:
+        cmdline = open(f"/proc/{s.proc.pid}/cmdline", "rb").read()
+        assert b"s3cret-token" not in cmdline
+        assert redis.Redis(port=s.port, password="s3cret-token").ping()
+    finally:
+        s.stop(signal.SIGKILL)
+    s = ServerProcess(tmp_path / "disk2", "--host", "0.0.0.0")
+    s.env = {"KVMW_SERVER_TOKEN": "from-env"}
+    s.start()
+    try:
+        assert redis.Redis(port=s.port, password="from-env").ping()
+        with pytest.raises((redis.exceptions.AuthenticationError, redis.exceptions.ResponseError),
+                           match="AUTH"):
+            redis.Redis(port=s.port).get("k")
+    finally:
+        s.stop(signal.SIGKILL)
+
+
+def _listen_address(port):
+    """The local address a TCP port listens on, from /proc/net/tcp (hex, little-endian)."""
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        addr, p = local.split(":")
+        if int(p, 16) == port and state == "0A":
+            return socket.inet_ntoa(bytes.fromhex(addr)[::-1])
+    return None
+
+
+def test_metrics_listen_on_loopback_even_when_resp_does_not(tmp_path):
+    s = _token_server(tmp_path)
+    try:
+        assert _listen_address(s.port) == "0.0.0.0"
+        assert _listen_address(s.http) == "127.0.0.1"
+        assert _metric(s, "kvmw_server_connections_total") >= 0
+    finally:
+        s.stop(signal.SIGKILL)

@@ -348,3 +348,18 @@ def test_after_a_backoff_exactly_one_caller_probes_the_tier():
     store.get(key_of(1))
     assert flaky.calls == 2  # healthy again: everyone asks it
     store.close()
+
+
+def test_sync_writes_dropped_writes_again_and_reports_what_it_could_not(tmp_path):
+    slow = _SlowTier()
+    store = TieredStore([CPUTier(1 << 30), slow], write_queue=1, track_unwritten=True)
+    for i in range(4):
+        store.put(key_of(i), blob_of(8, i))  # the first is taken by the writer, the rest drop
+    assert store.counts["dropped_writes"] >= 2 and len(store.unwritten) >= 2
+    store.tiers[0].delete(key_of(3))  # gone from the top tier before it was written: lost
+    slow.gate.set()
+    failed, overflow = store.sync(10)
+    assert failed == [key_of(3)] and overflow == 0
+    assert slow.contains([key_of(i) for i in range(3)]) == [True, True, True]
+    assert store.sync(10) == ([], 0) and store.unwritten == {}  # the lost key was reported once
+    store.close()

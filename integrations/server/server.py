@@ -13,14 +13,24 @@ Storage: a byte-bounded memory tier with write-through to a disk tier (the
 "spill"), both under the configured replacement policy; a miss in memory that
 hits disk is promoted back. Durability promise: a SET is acknowledged once it
 is in memory; it is durable (survives SIGKILL and power loss) once KVMW.SYNC
-has returned after it, or once the background write finished. A restart
-serves what the disk holds; a file is never half-written (temp + fsync +
-rename), so nothing torn is ever served. TTLs live in memory only.
+has answered +OK after it. SYNC answers an error instead when any acknowledged
+write is not on disk (the disk tier down or refusing it, the value evicted from
+memory before it was written, or no disk at all). Writes are never dropped
+silently: when the write-through queue is full a SET's acknowledgement waits for
+room (backpressure; other clients' reads go on), and after `ack_timeout` it is
+answered ``-BUSY``, which clients count as a failed put. A restart serves what
+the disk holds; a file is never half-written (temp + fsync + rename), so nothing
+torn is ever served. TTLs live in memory only.
 
 Safety: loopback by default; on any other address it refuses to start without
-an auth token. Values over `max_value` and requests over `max_request` bytes,
-or malformed frames, get an error and the connection is closed; the server
-keeps serving everyone else.
+an auth token (``--token-file``, ``KVMW_SERVER_TOKEN`` or ``--token``, the last
+visible in ``ps``). Until a client has authenticated its frames are held to
+`preauth_args` arguments of at most `preauth_value` bytes, and it must
+authenticate within `auth_timeout` seconds, so an unauthenticated client cannot
+make the server allocate. Values over `max_value` and requests over
+`max_request` bytes, or malformed frames, get an error and the connection is
+closed; the server keeps serving everyone else. ``/healthz`` and ``/metrics``
+listen on loopback unless ``--http-host`` says otherwise.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import asyncio
 import fnmatch
 import hmac
 import logging
+import os
 import signal
 import socket
 import time
@@ -65,6 +76,14 @@ class ServerConfig:
     max_value: int = 512 << 20
     max_request: int = 1 << 30
     max_args: int = 1 << 16
+    http_host: str = "127.0.0.1"
+    #: until AUTH: arguments per frame, bytes per argument, seconds to authenticate
+    preauth_args: int = 8
+    preauth_value: int = 4096
+    auth_timeout: float = 10.0
+    #: seconds a SET's acknowledgement may wait for room in the write-through queue
+    ack_timeout: float = 30.0
+    write_queue_bytes: int = 256 << 20
 
 
 def store_key(key: bytes) -> str:
@@ -85,9 +104,11 @@ class KVServer:
         tiers: list[Any] = [CPUTier(config.memory_capacity, config.policy)]
         if config.disk_path:
             tiers.append(DiskTier(config.disk_path, config.disk_capacity, config.policy))
-        self.store = TieredStore(tiers, write_queue=1024, validate=False)
+        self.store = TieredStore(tiers, write_queue=1024, validate=False, track_unwritten=True,
+                                 write_queue_bytes=config.write_queue_bytes)
         self.expiry: dict[str, float] = {}
-        self.counts = {"connections": 0, "commands": 0, "errors": 0, "protocol_errors": 0}
+        self.counts = {"connections": 0, "commands": 0, "errors": 0, "protocol_errors": 0,
+                       "write_waits": 0, "busy_replies": 0, "sync_failures": 0, "auth_timeouts": 0}
         self._servers: list[asyncio.AbstractServer] = []  # the HTTP endpoint
         self._listeners: list[socket.socket] = []
         self._accepting: asyncio.Task | None = None
@@ -103,7 +124,7 @@ class KVServer:
         self._accepting = asyncio.get_running_loop().create_task(self._accept(listener))
         self.config.port = listener.getsockname()[1]
         if self.config.http_port >= 0 and self.config.http_port != 0:
-            http = await asyncio.start_server(self._http, self.config.host, self.config.http_port)
+            http = await asyncio.start_server(self._http, self.config.http_host, self.config.http_port)
             self._servers.append(http)
             self.config.http_port = http.sockets[0].getsockname()[1]
         log.info("kvmw serve: RESP on %s:%d, http on %s, %d entries on disk", self.config.host,
@@ -139,7 +160,10 @@ class KVServer:
             self._clients.add(task)
             task.add_done_callback(self._clients.discard)
 
-    async def _read_command(self, conn: Connection) -> list[bytes]:
+    async def _read_command(self, conn: Connection, authed: bool = True) -> list[bytes]:
+        """One command; before AUTH held to the pre-auth limits (nothing large is allocated)."""
+        cfg = self.config
+        max_args, max_value = (cfg.max_args, cfg.max_value) if authed else (cfg.preauth_args, cfg.preauth_value)
         line = await conn.readline()
         if line[:1] != b"*":  # inline command (PING from shell tools)
             return line.split()
@@ -147,8 +171,9 @@ class KVServer:
             n = int(line[1:])
         except ValueError:
             raise ProtocolError("bad array length") from None
-        if not 0 < n <= self.config.max_args:
-            raise ProtocolError(f"array length {n} outside 1..{self.config.max_args}")
+        if not 0 < n <= max_args:
+            raise ProtocolError(f"array length {n} outside 1..{max_args}"
+                                + ("" if authed else " before AUTH"))
         args: list[bytes] = []
         total = 0
         for _ in range(n):
@@ -159,8 +184,9 @@ class KVServer:
                 size = int(head[1:])
             except ValueError:
                 raise ProtocolError("bad bulk length") from None
-            if not 0 <= size <= self.config.max_value:
-                raise ProtocolError(f"bulk of {size} bytes exceeds max_value {self.config.max_value}")
+            if not 0 <= size <= max_value:
+                raise ProtocolError(f"bulk of {size} bytes exceeds {'max_value' if authed else 'the pre-auth limit'} "
+                                    f"{max_value}")
             total += size
             if total > self.config.max_request:
                 raise ProtocolError(f"request exceeds max_request {self.config.max_request}")
@@ -178,7 +204,15 @@ class KVServer:
         try:
             while True:
                 try:
-                    args = await self._read_command(conn)
+                    if authed:
+                        args = await self._read_command(conn)
+                    else:
+                        args = await asyncio.wait_for(self._read_command(conn, authed), self.config.auth_timeout)
+                except asyncio.TimeoutError:
+                    self.counts["auth_timeouts"] += 1
+                    out(b"-NOAUTH authentication timed out\r\n")
+                    await conn.flush()
+                    return
                 except (ProtocolError, FrameTooLong) as e:
                     self.counts["protocol_errors"] += 1
                     log.info("closing %s: protocol error: %s", conn.peer, e)
@@ -225,6 +259,9 @@ class KVServer:
                 elif name == b"EXEC":
                     if queued is None:
                         out(b"-ERR EXEC without MULTI\r\n")
+                    elif not await self._room(sum(len(a[2]) for a in queued if _is_set(a))):
+                        out(b"-BUSY the write-through queue stayed full; the transaction was not run\r\n")
+                        queued = None
                     else:
                         replies = [self._execute(a) for a in queued]  # no await: nothing interleaves
                         out(b"*%d\r\n" % len(replies))
@@ -235,8 +272,9 @@ class KVServer:
                     queued.append(args)
                     out(b"+QUEUED\r\n")
                 elif name == b"KVMW.SYNC":
-                    await asyncio.get_running_loop().run_in_executor(None, self.store.flush, 120.0)
-                    out(b"+OK\r\n")
+                    out(await self._sync())
+                elif _is_set(args) and not await self._room(len(args[2])):
+                    out(b"-BUSY the write-through queue stayed full; the value was not stored\r\n")
                 else:
                     out(_reply(self._execute(args), proto))
                 if not conn.buffered() or len(conn.out) > 256:  # pipelined requests: reply in one go
@@ -245,6 +283,34 @@ class KVServer:
             return
         finally:
             conn.close()
+
+    async def _room(self, nbytes: int) -> bool:
+        """Wait (other clients go on) until the write-through queue can take `nbytes`;
+        False after `ack_timeout`: the caller answers -BUSY rather than drop the write."""
+        if not self.config.disk_path or self.store.has_room(nbytes):
+            return True
+        self.counts["write_waits"] += 1
+        deadline = time.monotonic() + self.config.ack_timeout
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.002)
+            if self.store.has_room(nbytes):
+                return True
+        self.counts["busy_replies"] += 1
+        return False
+
+    async def _sync(self) -> bytes:
+        if not self.config.disk_path:
+            self.counts["sync_failures"] += 1
+            return b"-ERR KVMW.SYNC: a memory-only server (--memory-only) makes nothing durable\r\n"
+        failed, overflow = await asyncio.get_running_loop().run_in_executor(None, self.store.sync, 120.0)
+        if not failed and not overflow:
+            return b"+OK\r\n"
+        self.counts["sync_failures"] += 1
+        disk = self.store.tiers[-1]
+        reason = self.store.last_error(disk) if not self.store.healthy()[disk.name] else "refused or evicted first"
+        log.warning("KVMW.SYNC: %d acknowledged writes are not on disk (%s)", len(failed) + overflow, reason)
+        return b"-ERR KVMW.SYNC: %d acknowledged writes are not on disk (%s)\r\n" % (
+            len(failed) + overflow, reason.encode(errors="replace")[:200])
 
     # ---- commands ---------------------------------------------------------------------
     def _execute(self, args: list[bytes]) -> bytes:
@@ -374,6 +440,10 @@ class KVServer:
             writer.close()
 
 
+def _is_set(args: list[bytes]) -> bool:
+    return len(args) >= 3 and bytes(args[0]).upper() == b"SET"
+
+
 def _reply(reply: Any, proto: int) -> Any:
     if reply is None:  # the null reply differs between RESP2 and RESP3
         return b"_\r\n" if proto == 3 else b"$-1\r\n"
@@ -403,10 +473,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (non-loopback needs --token)")
     p.add_argument("--port", type=int, default=6380, help="RESP port")
     p.add_argument("--http-port", type=int, default=0, help="/healthz and /metrics (0: off)")
-    p.add_argument("--token", default="", help="required for non-loopback addresses (AUTH)")
+    p.add_argument("--http-host", default="127.0.0.1", help="address of /healthz and /metrics")
+    p.add_argument("--token-file", default=None,
+                   help="file holding the AUTH token (default: KVMW_SERVER_TOKEN, else --token)")
+    p.add_argument("--token", default="",
+                   help="AUTH token, required for non-loopback addresses (visible in ps: prefer --token-file)")
+    p.add_argument("--auth-timeout", type=float, default=10.0,
+                   help="seconds a client has to authenticate when a token is set")
     p.add_argument("--config", default=None, help="kvmw YAML: cpu_capacity, disk_path, disk_capacity, policy")
     p.add_argument("--disk-path", default=None, help="folder of the disk spill (default: <the config's disk_path>/server)")
     p.add_argument("--memory-only", action="store_true", help="no disk spill (nothing survives a restart)")
+
+
+def _token(args: argparse.Namespace) -> str:
+    """--token-file, else KVMW_SERVER_TOKEN, else --token (the one `ps` shows)."""
+    if args.token_file:
+        with open(args.token_file, encoding="utf-8") as f:
+            token = f.read().strip()
+        if not token:
+            raise SystemExit(f"kvmw serve: {args.token_file} holds no token")
+        return token
+    return os.environ.get("KVMW_SERVER_TOKEN", "") or args.token
 
 
 def run(args: argparse.Namespace) -> int:
@@ -416,9 +503,10 @@ def run(args: argparse.Namespace) -> int:
     tune_allocator()
     cfg = KVMWConfig.load(args.config)
     server = KVServer(ServerConfig(
-        host=args.host, port=args.port, http_port=args.http_port, token=args.token,
+        host=args.host, port=args.port, http_port=args.http_port, http_host=args.http_host, token=_token(args),
+        auth_timeout=args.auth_timeout,
         memory_capacity=cfg.cpu_capacity,
         disk_path="" if args.memory_only else (args.disk_path or str(cfg.disk_dir / "server")),
-        disk_capacity=cfg.disk_capacity, policy=cfg.policy))
+        disk_capacity=cfg.disk_capacity, policy=cfg.policy, write_queue_bytes=cfg.write_queue_bytes))
     asyncio.run(server.serve_forever())  # uvloop measured no faster here (3 MiB GET, 1 client)
     return 0

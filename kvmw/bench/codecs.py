@@ -180,10 +180,12 @@ def _plot(results: dict[str, Any], args: argparse.Namespace, path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, key, label in ((axes[0], "kl", "next-token KL vs full cache (log)"),
                            (axes[1], "ppl_increase_pct", "perplexity increase % (symlog)")):
-        for name, r in results.items():
+        for i, (name, r) in enumerate(results.items()):
             y = max(r[key], 1e-6) if key == "kl" else r[key]
             ax.scatter(r["ratio"], y)
-            ax.annotate(name, (r["ratio"], y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            # alternate above / below: codecs of one ratio (int8, int8+zstd) sit on top of each other
+            ax.annotate(name, (r["ratio"], y), fontsize=7, xytext=(3, 3 if i % 2 else -10),
+                        textcoords="offset points")
         ax.set_xlabel("compression ratio vs fp16")
         ax.set_ylabel(label)
         ax.set_yscale("log" if key == "kl" else "symlog", **({} if key == "kl" else {"linthresh": 0.1}))
