@@ -72,6 +72,19 @@ class _StoreCollector:
         yield healthy
 
 
+def counters_collector(prefix: str, counts: dict[str, int], doc: str) -> Any:
+    """A collector exporting a live ``{name: count}`` dict as ``<prefix>_<name>_total``."""
+
+    class _Counts:
+        def collect(self):  # type: ignore[no-untyped-def]
+            for name, value in list(counts.items()):
+                c = CounterMetricFamily(f"{prefix}_{name}", f"{doc}: {name}")
+                c.add_metric([], value)
+                yield c
+
+    return _Counts()
+
+
 class StoreMetrics:
     """Registry + latency histogram for one store. ``text()`` is the /metrics body."""
 

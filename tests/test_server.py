@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -146,7 +147,29 @@ def test_health_and_metrics_endpoints(server):
     assert urllib.request.urlopen(f"http://127.0.0.1:{server.http}/healthz", timeout=5).read() == b"ok\n"
     body = urllib.request.urlopen(f"http://127.0.0.1:{server.http}/metrics", timeout=5).read().decode()
     assert 'kvmw_tier_hits_total{tier="cpu"} 1.0' in body and "kvmw_server_commands_total" in body
+    assert "# TYPE kvmw_server_write_waits_total counter" in body  # prometheus_client's exposition
+    missing = urllib.request.Request(f"http://127.0.0.1:{server.http}/nope")
+    with pytest.raises(urllib.error.HTTPError, match="404"):
+        urllib.request.urlopen(missing, timeout=5)
     t.close()
+
+
+def test_info_speaks_redis_layout_for_redis_tooling(server):
+    r = redis.Redis(port=server.port)
+    r.set("a", b"x" * 1000)
+    r.set("b", b"y", ex=100)
+    r.get("a")
+    r.get("nope")
+    info = r.info()  # redis-py parses every section
+    assert info["redis_mode"] == "standalone" and info["tcp_port"] == server.port
+    assert info["used_memory"] >= 1000 and info["used_memory_rss"] > info["used_memory"]
+    assert info["db0"] == {"keys": 2, "expires": 1, "avg_ttl": 0}
+    assert info["keyspace_hits"] >= 1 and info["keyspace_misses"] >= 1 and info["kvmw_disk"] == 1
+    assert set(r.info("memory")) >= {"used_memory", "maxmemory"} and "tcp_port" not in r.info("memory")
+    cli = subprocess.run(["redis-cli", "-p", str(server.port), "info", "keyspace"], capture_output=True,
+                         text=True, timeout=30)
+    if cli.returncode == 0:  # redis-cli is there (it is where Redis is installed)
+        assert "db0:keys=2,expires=1" in cli.stdout and "# Keyspace" in cli.stdout
 
 
 def test_non_loopback_needs_a_token(tmp_path):

@@ -4,7 +4,8 @@ Protocol: a subset of RESP2, the Redis protocol, so kvmw's Redis tier (and
 redis-py, redis-cli, redis-benchmark) talk to it unchanged. Commands: PING,
 AUTH, CLIENT (accepted), SELECT 0, GET, SET [EX s], EXISTS, DEL, STRLEN,
 GETRANGE, MULTI/EXEC/DISCARD (queued and run without interleaving: the server
-is one event loop), SCAN (one full pass, cursor 0), DBSIZE, QUIT, and two of
+is one event loop), SCAN (one full pass, cursor 0), DBSIZE, INFO [section]
+(server, clients, memory, persistence, stats, keyspace), QUIT, and two of
 its own: ``KVMW.PREFIX k1 .. kn`` (how many leading keys are present: a prefix
 chain lookup in one round trip) and ``KVMW.SYNC`` (returns once every earlier
 write is on disk).
@@ -109,8 +110,9 @@ class KVServer:
         self.expiry: dict[str, float] = {}
         self.counts = {"connections": 0, "commands": 0, "errors": 0, "protocol_errors": 0,
                        "write_waits": 0, "busy_replies": 0, "sync_failures": 0, "auth_timeouts": 0}
-        self._servers: list[asyncio.AbstractServer] = []  # the HTTP endpoint
+        self._http_server: Any = None  # /healthz and /metrics: prometheus_client's WSGI app on a thread
         self._listeners: list[socket.socket] = []
+        self._started = time.monotonic()
         self._accepting: asyncio.Task | None = None
         self._clients: set[asyncio.Task] = set()
         self._stopped = asyncio.Event()
@@ -123,10 +125,8 @@ class KVServer:
         self._listeners.append(listener)
         self._accepting = asyncio.get_running_loop().create_task(self._accept(listener))
         self.config.port = listener.getsockname()[1]
-        if self.config.http_port >= 0 and self.config.http_port != 0:
-            http = await asyncio.start_server(self._http, self.config.http_host, self.config.http_port)
-            self._servers.append(http)
-            self.config.http_port = http.sockets[0].getsockname()[1]
+        if self.config.http_port > 0:
+            self._http_server = _start_http(self, self.config.http_host, self.config.http_port)
         log.info("kvmw serve: RESP on %s:%d, http on %s, %d entries on disk", self.config.host,
                  self.config.port, self.config.http_port or "off", len(list(self._disk_entries())))
 
@@ -143,8 +143,8 @@ class KVServer:
             self._accepting.cancel()
         for listener in self._listeners:
             listener.close()
-        for s in self._servers:
-            s.close()
+        if self._http_server is not None:
+            self._http_server.shutdown()
         self.store.close(flush_timeout=60)
 
     def _disk_entries(self):
@@ -415,29 +415,91 @@ class KVServer:
     def _cmd_dbsize(self, args: list[bytes]) -> bytes:
         return b":%d\r\n" % len({n for tier in self.store.tiers for n, _ in tier.entries()})
 
-    # ---- HTTP -------------------------------------------------------------------------
-    async def _http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        from kvmw.metrics import StoreMetrics
+    def _cmd_info(self, args: list[bytes]) -> bytes:
+        """Redis's INFO layout (``# Section`` then ``field:value`` lines), so redis-cli,
+        redis-py's ``info()`` and monitoring agents read it."""
+        want = {a.decode(errors="replace").lower() for a in args} - {"all", "default", "everything"}
+        body = "".join(f"# {name.capitalize()}\r\n" + "".join(f"{k}:{v}\r\n" for k, v in fields.items()) + "\r\n"
+                       for name, fields in self.info().items() if not want or name in want)
+        return self._bulk(body.encode())
 
-        try:
-            request = await asyncio.wait_for(reader.readline(), 5)
-            path = request.split()[1].decode() if len(request.split()) > 1 else "/"
-            if path == "/healthz":
-                status, body, ctype = "200 OK", b"ok\n", "text/plain"
-            elif path == "/metrics":
-                if not hasattr(self, "_metrics"):
-                    self._metrics = StoreMetrics(self.store)
-                extra = "".join(f"kvmw_server_{k}_total {v}\n" for k, v in self.counts.items()).encode()
-                status, body, ctype = "200 OK", self._metrics.text() + extra, "text/plain; version=0.0.4"
-            else:
-                status, body, ctype = "404 Not Found", b"not found\n", "text/plain"
-            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-                         f"Connection: close\r\n\r\n".encode() + body)
-            await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError, IndexError):
+    def info(self) -> dict[str, dict[str, Any]]:
+        st = self.store.stats()
+        memory = st["tiers"][self.store.tiers[0].name]
+        disk = st["tiers"].get("disk", {})
+        names = {n for tier in self.store.tiers for n, _ in tier.entries()}
+        return {
+            "server": {"kvmw_version": _version(), "redis_version": "7.0.0", "redis_mode": "standalone",
+                       "process_id": os.getpid(), "tcp_port": self.config.port,
+                       "uptime_in_seconds": int(time.monotonic() - self._started)},
+            "clients": {"connected_clients": len(self._clients)},
+            "memory": {"used_memory": memory.get("used", 0), "maxmemory": memory.get("capacity", 0),
+                       "used_memory_rss": _rss_bytes(), "maxmemory_policy": self.config.policy},
+            "persistence": {"kvmw_disk": int(bool(self.config.disk_path)), "kvmw_disk_bytes": disk.get("used", 0),
+                            "kvmw_disk_healthy": int(bool(disk.get("healthy", False))),
+                            "kvmw_write_queue_depth": st["write_queue_depth"],
+                            "kvmw_write_queue_bytes": st["write_queue_bytes"],
+                            "kvmw_unwritten": len(self.store.unwritten)},
+            "stats": {"total_connections_received": self.counts["connections"],
+                      "total_commands_processed": self.counts["commands"],
+                      "keyspace_hits": st["hits"], "keyspace_misses": st["misses"],
+                      **{f"kvmw_{k}": v for k, v in self.counts.items() if k not in ("connections", "commands")}},
+            "keyspace": {"db0": f"keys={len(names)},expires={len(self.expiry)},avg_ttl=0"} if names else {},
+        }
+
+
+def _start_http(server: "KVServer", host: str, port: int) -> Any:
+    """``/metrics`` (prometheus_client's own WSGI app: content negotiation, gzip) and
+    ``/healthz`` on a thread of their own, so a scrape never waits on the RESP loop."""
+    import threading
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    from prometheus_client import make_wsgi_app
+
+    from kvmw.metrics import StoreMetrics, counters_collector
+
+    metrics = StoreMetrics(server.store)
+    metrics.registry.register(counters_collector("kvmw_server", server.counts, "kvmw serve's own counters"))
+    metrics_app = make_wsgi_app(metrics.registry)
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("PATH_INFO") == "/healthz":
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"ok\n"]
+        if environ.get("PATH_INFO") == "/metrics":
+            return metrics_app(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found\n"]
+
+    class _Quiet(WSGIRequestHandler):
+        def log_message(self, *args: Any) -> None:  # scrapes are not news
             pass
-        finally:
-            writer.close()
+
+    class _Threading(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+
+    httpd = make_server(host, port, app, server_class=_Threading, handler_class=_Quiet)
+    server.config.http_port = httpd.server_port
+    threading.Thread(target=httpd.serve_forever, name="kvmw-http", daemon=True).start()
+    return httpd
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kvmw")
+    except PackageNotFoundError:
+        return "dev"
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _is_set(args: list[bytes]) -> bool:
