@@ -103,9 +103,13 @@ def test_bench_tiers_writes_the_issue_keys(tmp_path, redis_url):
 def test_bench_server_writes_the_issue_keys_beside_redis(tmp_path, redis_url):
     out = tmp_path / "server.json"
     res = _kvmw("bench", "server", "--memory-only", "--clients", "1", "--ops", "3", "--rounds", "1",
-                "--json", str(out), "--redis-url", redis_url)
+                "--rb-requests", "2000", "--json", str(out), "--redis-url", redis_url)
     assert res.returncode == 0, res.stderr
     data = json.loads(out.read_text())
+    rb = data["redis_benchmark"]  # redis-benchmark's own client against both servers
+    assert {"set", "get", "ping_inline", "ping_mbulk"} <= set(rb)
+    for cell in rb.values():
+        assert cell["x_redis"] == cell["kvmw_rps"] / cell["redis_rps"] and cell["kvmw_rps"] > 100
     for size in ("3MiB", "32MiB"):
         assert data["server"][size]["1"]["gbps"] > 0 and data["redis"][size]["1"]["gbps"] > 0
         assert data["server"][size]["1"]["x_redis_paired"] > 0

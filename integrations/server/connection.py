@@ -1,129 +1,249 @@
-"""One client socket on the event loop, without asyncio's stream copies.
+"""One client of `kvmw serve`: an asyncio protocol parsing RESP with hiredis.
 
-asyncio's streams cost a 3 MiB value two copies each way on Python 3.11: the
-StreamReader appends every recv to its buffer and `readexactly` slices it out;
-the transport joins `writelines` buffers and copies whatever a partial send
-left into its own buffer. Here small frames are parsed out of one reusable
-buffer, a large bulk value is received straight into the bytearray the store
-keeps, and replies go out with `sendmsg` from the stored value itself, so the
-kernel's copy is the only one.
+Why a protocol and not streams: an engine's lookups are small request/reply
+round trips, and a coroutine awaiting ``sock_recv_into`` registers and removes
+its socket with the event loop on every request; a protocol's socket stays
+registered and each readable event parses every command that arrived.
+
+Parsing is ``hiredis.Reader``'s (RESP is the same grammar for requests and
+replies). Inline commands (``PING`` from a shell tool or a health check) are
+split here when they start a read and hiredis holds nothing; one inside a
+pipelined read of RESP commands is a protocol error (hiredis cannot say where
+the command before it ended).
+hiredis allocates what it has parsed, never what a header announces, so what a
+client can make the server hold is bounded by counting the bytes of the command
+not yet complete (`Limits.max_request`, tiny before AUTH; reads are then 4 KiB,
+so the bound holds within one read) and the arguments of each. A command that
+starts a read while hiredis holds nothing has its array header and first bulk
+header checked before it is fed, so an absurd frame is refused at once.
+
+Replies go out through the transport; a large bulk reply (a stored value) goes
+out with one ``writev`` straight from the stored buffer when nothing is queued
+before it, so the kernel's copy is the only one (a partial send leaves the rest
+to the transport).
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
+import os
 import socket
-from typing import Any, Sequence
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-IOV_MAX = 512  # buffers per sendmsg call (Linux allows 1024)
+import hiredis
+
+#: replies at least this large skip the transport's buffer when it is empty
+DIRECT_SEND = 64 << 10
+IOV_MAX = 512  # buffers per writev call (Linux allows 1024)
 
 
-class ConnectionClosed(Exception):
-    """The peer closed the connection (cleanly or mid-frame)."""
+@dataclass(frozen=True)
+class Limits:
+    """What one command may be: bytes not yet parsed into a whole command, arguments."""
+
+    max_request: int
+    max_args: int
+    max_value: int
 
 
-class FrameTooLong(Exception):
-    """A line without CRLF longer than the read buffer allows."""
+class ProtocolError(Exception):
+    """A frame the server will not parse; the connection is closed after the reply."""
 
 
-class Connection:
-    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop,
-                 buffer_size: int = 1 << 16, send_buffer: int = 0) -> None:
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if send_buffer:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
-        self.sock = sock
-        self.loop = loop
-        self._fd = sock.fileno()
-        self._buf = bytearray(buffer_size)
-        self._view = memoryview(self._buf)
-        self._start = 0  # unread bytes are _buf[_start:_end]
-        self._end = 0
-        self.out: list[Any] = []  # replies gathered while pipelined requests remain
-
-    @property
-    def peer(self) -> Any:
+def _check_header(data: memoryview, limits: Limits) -> None:
+    """The array header and first bulk header at the start of `data`, if it starts one."""
+    if data[:1] != b"*":
+        return
+    head = bytes(data[:64])
+    end = head.find(b"\r\n")
+    if end < 0:
+        return
+    try:
+        n = int(head[1:end])
+    except ValueError:
+        raise ProtocolError("bad array length") from None
+    if not 0 < n <= limits.max_args:
+        raise ProtocolError(f"array length {n} outside 1..{limits.max_args}")
+    kind = head[end + 2:end + 3]
+    if kind and kind != b"$":
+        raise ProtocolError(f"expected '$', got {kind!r}")
+    bulk_end = head.find(b"\r\n", end + 2)
+    if kind and bulk_end > 0:
         try:
-            return self.sock.getpeername()
-        except OSError:
-            return None
+            size = int(head[end + 3:bulk_end])
+        except ValueError:
+            raise ProtocolError("bad bulk length") from None
+        if not 0 <= size <= limits.max_value:
+            raise ProtocolError(f"a bulk of {size} bytes, more than {limits.max_value}")
 
-    def buffered(self) -> int:
-        return self._end - self._start
 
-    # ---- reading ----------------------------------------------------------------------
-    async def _fill(self) -> None:
-        if self._start == self._end:
-            self._start = self._end = 0
-        elif self._end == len(self._buf):
-            if self._start == 0:
-                raise FrameTooLong(f"no CRLF within {len(self._buf)} bytes")
-            n = self._end - self._start
-            self._buf[:n] = self._buf[self._start:self._end]
-            self._start, self._end = 0, n
-        got = await self.loop.sock_recv_into(self.sock, self._view[self._end:])
-        if not got:
-            raise ConnectionClosed()
-        self._end += got
+class RespConnection(asyncio.BufferedProtocol):
+    """Parses commands and hands them, in order, to `handle(conn, args)`, which returns
+    a reply (bytes, a list of buffers, or None for nothing) or an awaitable of one: the
+    commands behind an awaited one wait (reading pauses) so replies keep their order.
+    `limits()` is asked before each parse (it changes at AUTH)."""
 
-    async def readline(self) -> bytes:
-        """The next CRLF-terminated line, without the CRLF."""
+    def __init__(self, handle: Callable[["RespConnection", list[bytes]], Any],
+                 limits: Callable[["RespConnection"], Limits], send_buffer: int = 4 << 20,
+                 on_close: Callable[["RespConnection"], None] | None = None) -> None:
+        self._handle, self._limits, self._on_close = handle, limits, on_close
+        self._send_buffer = send_buffer
+        self._reader = hiredis.Reader()
+        self._buf = bytearray(256 << 10)
+        self._view = memoryview(self._buf)
+        self._partial = 0  # bytes fed since the last whole command
+        self._idle = True  # hiredis holds no unparsed bytes
+        self._pending: deque[list[bytes]] = deque()
+        self._out: list[Any] = []
+        self._busy = False  # an awaited command is running
+        self._paused = False  # the transport's write buffer is full
+        self.closing = False
+        self.transport: asyncio.Transport | None = None
+        self.state: dict[str, Any] = {}  # the server's per-connection state (auth, MULTI, ...)
+
+    # ---- asyncio callbacks ------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._send_buffer:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._send_buffer)
+        self._fd = sock.fileno() if sock is not None else -1
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._limits(self).max_request < len(self._buf):  # before AUTH: small reads
+            return self._view[:4096]
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.closing:
+            return
+        try:
+            self._parse(nbytes)
+        except (ProtocolError, hiredis.ProtocolError) as e:
+            self.fail(f"protocol error: {e}")
+            return
+        self._run()
+
+    def pause_writing(self) -> None:  # the client does not read its replies: stop reading it
+        self._paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self.transport is not None and not self._busy and not self.closing:
+            self.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self._pending.clear()
+        if self._on_close is not None:
+            self._on_close(self)
+
+    # ---- parsing ----------------------------------------------------------------------------
+    def _parse(self, nbytes: int) -> None:
+        data = self._view[:nbytes]
+        if self._idle and data[:1] not in (b"*", b"$"):
+            data = self._inline(data)
+            if not data.nbytes:
+                return
+        limits = self._limits(self)
+        if self._idle:
+            _check_header(data, limits)
+        self._reader.feed(data)
+        self._partial += data.nbytes
         while True:
-            i = self._buf.find(b"\r\n", self._start, self._end)
-            if i >= 0:
-                line = bytes(self._view[self._start:i])
-                self._start = i + 2
-                return line
-            await self._fill()
+            cmd = self._reader.gets()
+            if cmd is False:
+                break
+            if not isinstance(cmd, list) or not cmd or not all(isinstance(a, bytes) for a in cmd):
+                raise ProtocolError("a command is an array of bulk strings")
+            if len(cmd) > limits.max_args:
+                raise ProtocolError(f"{len(cmd)} arguments, more than {limits.max_args}")
+            self._pending.append(cmd)
+            self._partial = 0
+        if self._partial > limits.max_request:
+            raise ProtocolError(f"a command of more than {limits.max_request} bytes")
+        # nothing held: the next read starts a command (or, inside an array hiredis has
+        # partly consumed, an element: those start with "$", which the check leaves alone)
+        self._idle = not self._reader.has_data()
 
-    async def readexactly(self, n: int) -> bytearray:
-        """n bytes as a new bytearray; large ones are received straight into it."""
-        out = _new_bytearray(n)
-        have = min(n, self._end - self._start)
-        out[:have] = self._view[self._start:self._start + have]
-        self._start += have
-        if have == n:
-            return out
-        target = memoryview(out)
-        while have < n:
-            got = await self.loop.sock_recv_into(self.sock, target[have:])
-            if not got:
-                raise ConnectionClosed()
-            have += got
-        return out
+    def _inline(self, data: memoryview) -> memoryview:
+        """Inline commands (``PING\\r\\n``) before the first array; the rest is RESP."""
+        raw = bytes(data)
+        at = 0
+        while at < len(raw) and raw[at:at + 1] != b"*":
+            end = raw.find(b"\r\n", at)
+            if end < 0:
+                if len(raw) - at > 4096:
+                    raise ProtocolError("an inline command longer than 4096 bytes")
+                raise ProtocolError("an inline command split across reads")
+            words = raw[at:end].split()
+            if words:
+                self._pending.append(words)
+            at = end + 2
+        return data[at:]
 
-    async def expect_crlf(self) -> bool:
-        while self._end - self._start < 2:
-            await self._fill()
-        ok = self._view[self._start:self._start + 2] == b"\r\n"
-        self._start += 2
-        return ok
+    # ---- running commands -------------------------------------------------------------------
+    def _run(self) -> None:
+        while self._pending and not self._busy and not self.closing:
+            reply = self._handle(self, self._pending.popleft())
+            if hasattr(reply, "__await__"):
+                self._busy = True
+                if self.transport is not None:
+                    self.transport.pause_reading()
+                self.flush()
+                asyncio.ensure_future(self._finish(reply))
+                return
+            if reply is not None:
+                self.queue(reply)
+        self.flush()
 
-    # ---- writing ----------------------------------------------------------------------
+    async def _finish(self, awaitable: Any) -> None:
+        try:
+            reply = await awaitable
+        except Exception as e:  # a command's own failure is its reply, never the server's
+            reply = b"-ERR " + str(e).encode(errors="replace")[:200] + b"\r\n"
+        if self.closing:
+            return
+        self._busy = False
+        if reply is not None:
+            self.queue(reply)
+        if self.transport is not None and not self._paused:
+            self.transport.resume_reading()
+        self._run()
+
+    # ---- writing ----------------------------------------------------------------------------
     def queue(self, reply: Any) -> None:
-        """Add a reply (bytes, or a list of buffers) to the next `flush`."""
         if isinstance(reply, list):
-            self.out.extend(reply)
+            self._out.extend(reply)
         else:
-            self.out.append(reply)
+            self._out.append(reply)
 
-    async def flush(self) -> None:
-        parts, self.out = self.out, []
-        if parts:
-            await self.send(parts)
-
-    async def send(self, parts: Sequence[Any]) -> None:
-        """Gathered write of `parts` (bytes or buffers): one sendmsg when the socket has room."""
+    def flush(self) -> None:
+        parts, self._out = self._out, []
+        if not parts or self.transport is None or self.transport.is_closing():
+            return
         views = [memoryview(p).cast("B") for p in parts]
+        total = sum(v.nbytes for v in views)
+        if total < DIRECT_SEND or self._fd < 0 or self.transport.get_write_buffer_size():
+            self.transport.write(b"".join(views))
+            return
         first = 0
-        while first < len(views):
+        while first < len(views):  # straight from the stored buffers while the socket takes them
             try:
-                sent = self.sock.sendmsg(views[first:first + IOV_MAX])
+                sent = os.writev(self._fd, views[first:first + IOV_MAX])
             except (BlockingIOError, InterruptedError):
-                sent = 0
-            while sent:
+                break
+            except OSError:
+                return  # the peer is gone: connection_lost follows
+            while sent and first < len(views):
                 size = views[first].nbytes
                 if sent >= size:
                     sent -= size
@@ -131,38 +251,17 @@ class Connection:
                 else:
                     views[first] = views[first][sent:]
                     sent = 0
-            while first < len(views) and not views[first].nbytes:
-                first += 1
-            if first < len(views):
-                await self._writable()
+        if first < len(views):
+            self.transport.write(b"".join(views[first:]))  # the rest waits in the transport
 
-    async def _writable(self) -> None:
-        fut = self.loop.create_future()
-        self.loop.add_writer(self._fd, _resolve, fut)
-        try:
-            await fut
-        finally:
-            self.loop.remove_writer(self._fd)
+    def fail(self, message: str) -> None:
+        """Reply with an error and close once it is sent."""
+        self.queue(b"-ERR " + message.encode(errors="replace")[:200] + b"\r\n")
+        self.close()
 
     def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-
-_BYTEARRAY_FROM = ctypes.pythonapi.PyByteArray_FromStringAndSize
-_BYTEARRAY_FROM.restype = ctypes.py_object
-_BYTEARRAY_FROM.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
-
-
-def _new_bytearray(n: int) -> bytearray:
-    """A bytearray of n bytes, left uninitialized when large: `bytearray(n)` zero-fills,
-    a memset as long as a fifth of receiving the value. Every byte is then received
-    (or the value is dropped with the connection), so nothing stale is ever served."""
-    return _BYTEARRAY_FROM(None, n) if n >= 1 << 16 else bytearray(n)
-
-
-def _resolve(fut: asyncio.Future) -> None:
-    if not fut.done():
-        fut.set_result(None)
+        self.flush()
+        self.closing = True
+        self._pending.clear()
+        if self.transport is not None:
+            self.transport.close()

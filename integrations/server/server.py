@@ -50,7 +50,7 @@ from typing import Any
 
 import xxhash
 
-from kvmw.integrations.server.connection import Connection, ConnectionClosed, FrameTooLong
+from kvmw.integrations.server.connection import Limits, RespConnection
 from kvmw.storage_tiers.disk import DiskTier
 from kvmw.storage_tiers.memory import CPUTier
 from kvmw.storage_tiers.tiered import TieredStore
@@ -58,10 +58,6 @@ from kvmw.storage_tiers.tiered import TieredStore
 log = logging.getLogger("kvmw.server")
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 PROTOCOL_VERSION = 1
-
-
-class ProtocolError(Exception):
-    """A frame the server will not parse; the connection is closed after the reply."""
 
 
 @dataclass
@@ -111,19 +107,16 @@ class KVServer:
         self.counts = {"connections": 0, "commands": 0, "errors": 0, "protocol_errors": 0,
                        "write_waits": 0, "busy_replies": 0, "sync_failures": 0, "auth_timeouts": 0}
         self._http_server: Any = None  # /healthz and /metrics: prometheus_client's WSGI app on a thread
-        self._listeners: list[socket.socket] = []
         self._started = time.monotonic()
-        self._accepting: asyncio.Task | None = None
-        self._clients: set[asyncio.Task] = set()
+        self._resp: asyncio.AbstractServer | None = None
+        self._clients: set[RespConnection] = set()
         self._stopped = asyncio.Event()
 
     # ---- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
         listener = socket.create_server((self.config.host, self.config.port), backlog=1024,
                                         family=_family(self.config.host))
-        listener.setblocking(False)
-        self._listeners.append(listener)
-        self._accepting = asyncio.get_running_loop().create_task(self._accept(listener))
+        self._resp = await asyncio.get_running_loop().create_server(self._connection, sock=listener)
         self.config.port = listener.getsockname()[1]
         if self.config.http_port > 0:
             self._http_server = _start_http(self, self.config.http_host, self.config.http_port)
@@ -139,10 +132,8 @@ class KVServer:
               + (f" (http {self.config.http_port})" if self.config.http_port else ""), flush=True)
         await self._stopped.wait()
         log.info("kvmw serve: shutting down, flushing writes to disk")
-        if self._accepting is not None:
-            self._accepting.cancel()
-        for listener in self._listeners:
-            listener.close()
+        if self._resp is not None:
+            self._resp.close()
         if self._http_server is not None:
             self._http_server.shutdown()
         self.store.close(flush_timeout=60)
@@ -152,142 +143,103 @@ class KVServer:
             yield from tier.entries()
 
     # ---- RESP -------------------------------------------------------------------------
-    async def _accept(self, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            sock, _ = await loop.sock_accept(listener)
-            task = loop.create_task(self._client(Connection(sock, loop, send_buffer=4 << 20)))
-            self._clients.add(task)
-            task.add_done_callback(self._clients.discard)
-
-    async def _read_command(self, conn: Connection, authed: bool = True) -> list[bytes]:
-        """One command; before AUTH held to the pre-auth limits (nothing large is allocated)."""
-        cfg = self.config
-        max_args, max_value = (cfg.max_args, cfg.max_value) if authed else (cfg.preauth_args, cfg.preauth_value)
-        line = await conn.readline()
-        if line[:1] != b"*":  # inline command (PING from shell tools)
-            return line.split()
-        try:
-            n = int(line[1:])
-        except ValueError:
-            raise ProtocolError("bad array length") from None
-        if not 0 < n <= max_args:
-            raise ProtocolError(f"array length {n} outside 1..{max_args}"
-                                + ("" if authed else " before AUTH"))
-        args: list[bytes] = []
-        total = 0
-        for _ in range(n):
-            head = await conn.readline()
-            if head[:1] != b"$":
-                raise ProtocolError("expected a bulk string")
-            try:
-                size = int(head[1:])
-            except ValueError:
-                raise ProtocolError("bad bulk length") from None
-            if not 0 <= size <= max_value:
-                raise ProtocolError(f"bulk of {size} bytes exceeds {'max_value' if authed else 'the pre-auth limit'} "
-                                    f"{max_value}")
-            total += size
-            if total > self.config.max_request:
-                raise ProtocolError(f"request exceeds max_request {self.config.max_request}")
-            args.append(await conn.readexactly(size))
-            if not await conn.expect_crlf():
-                raise ProtocolError("bulk not CRLF-terminated")
-        return args
-
-    async def _client(self, conn: Connection) -> None:
+    def _connection(self) -> RespConnection:
+        conn = RespConnection(self._command, self._limits, on_close=self._clients.discard)
         self.counts["connections"] += 1
-        authed = not self.config.token
-        proto = 2
-        queued: list[list[bytes]] | None = None
-        out = conn.queue
-        try:
-            while True:
-                try:
-                    if authed:
-                        args = await self._read_command(conn)
-                    else:
-                        args = await asyncio.wait_for(self._read_command(conn, authed), self.config.auth_timeout)
-                except asyncio.TimeoutError:
-                    self.counts["auth_timeouts"] += 1
-                    out(b"-NOAUTH authentication timed out\r\n")
-                    await conn.flush()
-                    return
-                except (ProtocolError, FrameTooLong) as e:
-                    self.counts["protocol_errors"] += 1
-                    log.info("closing %s: protocol error: %s", conn.peer, e)
-                    out(b"-ERR protocol error: " + str(e).encode()[:200] + b"\r\n")
-                    await conn.flush()
-                    return
-                if not args:
-                    continue
-                name = bytes(args[0]).upper()
-                if name == b"QUIT":
-                    out(b"+OK\r\n")
-                    await conn.flush()
-                    return
-                if name == b"HELLO":
-                    want = int(args[1]) if len(args) > 1 and args[1].isdigit() else proto
-                    upper = [a.upper() for a in args]
-                    if b"AUTH" in upper:
-                        i = upper.index(b"AUTH")
-                        ok = len(args) > i + 2 and hmac.compare_digest(args[i + 2], self.config.token.encode())
-                        if self.config.token and not ok:
-                            out(b"-WRONGPASS invalid token\r\n")
-                            await conn.flush()
-                            continue
-                        authed = authed or ok
-                    if not authed:
-                        out(b"-NOAUTH HELLO must be called with AUTH when a token is set\r\n")
-                    elif want not in (2, 3):
-                        out(b"-NOPROTO unsupported protocol version\r\n")
-                    else:
-                        proto = want
-                        out(_hello(proto))
-                elif name == b"AUTH":
-                    ok = len(args) in (2, 3) and hmac.compare_digest(args[-1], self.config.token.encode())
-                    authed = authed or ok
-                    out(b"+OK\r\n" if ok or not self.config.token else b"-WRONGPASS invalid token\r\n")
-                elif not authed and name != b"PING":  # PING stays open for health checks
-                    out(b"-NOAUTH Authentication required.\r\n")
-                elif name == b"MULTI":
-                    queued = []
-                    out(b"+OK\r\n")
-                elif name == b"DISCARD":
-                    queued = None
-                    out(b"+OK\r\n")
-                elif name == b"EXEC":
-                    if queued is None:
-                        out(b"-ERR EXEC without MULTI\r\n")
-                    elif not await self._room(sum(len(a[2]) for a in queued if _is_set(a))):
-                        out(b"-BUSY the write-through queue stayed full; the transaction was not run\r\n")
-                        queued = None
-                    else:
-                        replies = [self._execute(a) for a in queued]  # no await: nothing interleaves
-                        out(b"*%d\r\n" % len(replies))
-                        for r in replies:
-                            out(_reply(r, proto))
-                        queued = None
-                elif queued is not None:
-                    queued.append(args)
-                    out(b"+QUEUED\r\n")
-                elif name == b"KVMW.SYNC":
-                    out(await self._sync())
-                elif _is_set(args) and not await self._room(len(args[2])):
-                    out(b"-BUSY the write-through queue stayed full; the value was not stored\r\n")
-                else:
-                    out(_reply(self._execute(args), proto))
-                if not conn.buffered() or len(conn.out) > 256:  # pipelined requests: reply in one go
-                    await conn.flush()
-        except (ConnectionClosed, ConnectionError, asyncio.CancelledError):
-            return
-        finally:
+        self._clients.add(conn)
+        conn.state.update(authed=not self.config.token, proto=2, queued=None)
+        if not conn.state["authed"]:
+            asyncio.get_running_loop().call_later(self.config.auth_timeout, self._auth_expired, conn)
+        return conn
+
+    def _limits(self, conn: RespConnection) -> Limits:
+        cfg = self.config
+        if conn.state["authed"]:
+            return Limits(cfg.max_request, cfg.max_args, cfg.max_value)
+        return Limits(cfg.preauth_args * cfg.preauth_value, cfg.preauth_args, cfg.preauth_value)
+
+    def _auth_expired(self, conn: RespConnection) -> None:
+        if not conn.state["authed"] and not conn.closing:
+            self.counts["auth_timeouts"] += 1
+            conn.queue(b"-NOAUTH authentication timed out\r\n")
             conn.close()
+
+    def _command(self, conn: RespConnection, args: list[bytes]) -> Any:
+        """One command's reply, or an awaitable of it (SYNC; a SET waiting for room)."""
+        st = conn.state
+        name = bytes(args[0]).upper()
+        if not st["authed"] and name not in (b"AUTH", b"HELLO", b"PING", b"QUIT"):
+            return b"-NOAUTH Authentication required.\r\n"
+        if any(len(a) > self.config.max_value for a in args):
+            self.counts["protocol_errors"] += 1
+            conn.fail(f"a bulk of more than max_value {self.config.max_value} bytes")
+            return None
+        if name == b"QUIT":
+            conn.queue(b"+OK\r\n")
+            conn.close()
+            return None
+        if name == b"HELLO":
+            return self._hello_command(st, args)
+        if name == b"AUTH":
+            ok = len(args) in (2, 3) and hmac.compare_digest(args[-1], self.config.token.encode())
+            st["authed"] = st["authed"] or ok
+            return b"+OK\r\n" if ok or not self.config.token else b"-WRONGPASS invalid token\r\n"
+        if name == b"MULTI":
+            st["queued"] = []
+            return b"+OK\r\n"
+        if name == b"DISCARD":
+            st["queued"] = None
+            return b"+OK\r\n"
+        if name == b"EXEC":
+            queued, st["queued"] = st["queued"], None
+            if queued is None:
+                return b"-ERR EXEC without MULTI\r\n"
+            nbytes = sum(len(a[2]) for a in queued if _is_set(a))
+            if self.store.has_room(nbytes) or not self.config.disk_path:
+                return self._exec(queued, st["proto"])
+            return self._when_room(nbytes, lambda: self._exec(queued, st["proto"]),
+                                   b"-BUSY the write-through queue stayed full; the transaction was not run\r\n")
+        if st["queued"] is not None:
+            st["queued"].append(args)
+            return b"+QUEUED\r\n"
+        if name == b"KVMW.SYNC":
+            return self._sync()
+        if _is_set(args) and self.config.disk_path and not self.store.has_room(len(args[2])):
+            return self._when_room(len(args[2]), lambda: _reply(self._execute(args), st["proto"]),
+                                   b"-BUSY the write-through queue stayed full; the value was not stored\r\n")
+        return _reply(self._execute(args), st["proto"])
+
+    def _exec(self, queued: list[list[bytes]], proto: int) -> list[Any]:
+        replies = [self._execute(a) for a in queued]  # one loop turn: nothing interleaves
+        out: list[Any] = [b"*%d\r\n" % len(replies)]
+        for r in replies:
+            r = _reply(r, proto)
+            out.extend(r if isinstance(r, list) else [r])
+        return out
+
+    def _hello_command(self, st: dict[str, Any], args: list[bytes]) -> bytes:
+        want = int(args[1]) if len(args) > 1 and args[1].isdigit() else st["proto"]
+        upper = [a.upper() for a in args]
+        if b"AUTH" in upper:
+            i = upper.index(b"AUTH")
+            ok = len(args) > i + 2 and hmac.compare_digest(args[i + 2], self.config.token.encode())
+            if self.config.token and not ok:
+                return b"-WRONGPASS invalid token\r\n"
+            st["authed"] = st["authed"] or ok
+        if not st["authed"]:
+            return b"-NOAUTH HELLO must be called with AUTH when a token is set\r\n"
+        if want not in (2, 3):
+            return b"-NOPROTO unsupported protocol version\r\n"
+        st["proto"] = want
+        return _hello(want)
+
+    async def _when_room(self, nbytes: int, run: Any, busy: bytes) -> Any:
+        return run() if await self._room(nbytes) else busy
 
     async def _room(self, nbytes: int) -> bool:
         """Wait (other clients go on) until the write-through queue can take `nbytes`;
         False after `ack_timeout`: the caller answers -BUSY rather than drop the write."""
-        if not self.config.disk_path or self.store.has_room(nbytes):
+        if self.store.has_room(nbytes):
             return True
         self.counts["write_waits"] += 1
         deadline = time.monotonic() + self.config.ack_timeout

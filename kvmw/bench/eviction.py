@@ -309,7 +309,7 @@ def _plot(out: dict[str, Any], args: argparse.Namespace, path: str) -> None:
     one line per policy, beside the full cache."""
     plt = plots.pyplot()
     metric = "accuracy" if args.needle else "agreement"
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(9.5, 5))
     tags = out["budgets"]
     for name, per in out["eviction"].items():
         ax.plot(range(len(tags)), [per[t][metric] for t in tags], "o-", label=name)
@@ -320,7 +320,7 @@ def _plot(out: dict[str, Any], args: argparse.Namespace, path: str) -> None:
     ax.set_ylabel(f"needle accuracy ({args.samples} prompts)" if metric == "accuracy"
                   else f"greedy agreement with the full cache ({args.steps} steps)")
     ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the lines, not on them
     ax.grid(alpha=0.3)
     plots.save(fig, path, f"Token eviction, {args.model}, ~{args.context}-token contexts: {metric} vs budget", args)
 

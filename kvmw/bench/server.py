@@ -14,6 +14,11 @@ throughput (what engines wait on). The raw limit is one TCP loopback stream
 (sendall / recv_into a preallocated buffer) measured by the bench itself; the
 1-client ceiling is the same client against a thread that answers every request
 with a fixed 3 MiB reply from its own process (what a request/response chain allows, whatever the server).
+
+Small operations, with a client no one here wrote: ``redis-benchmark -t
+ping,set,get -n N -d 4096 -c 8`` against both servers, alternating, `--rounds`
+times (median requests/s per test; `x_redis` = kvmw over Redis). An engine's
+lookups and the chunk keys' EXISTS are such small round trips.
 """
 
 from __future__ import annotations
@@ -227,6 +232,22 @@ def start_kvmw_serve(disk: str, memory_only: bool) -> tuple[subprocess.Popen, in
     return proc, port
 
 
+def redis_benchmark_rps(port: int, requests: int, clients: int = 8, size: int = 4096) -> dict[str, float]:
+    """requests/s per test of one ``redis-benchmark -t ping,set,get`` run (its CSV output)."""
+    import csv
+    import io
+    import shutil
+
+    binary = shutil.which("redis-benchmark")
+    if binary is None:
+        raise RuntimeError("redis-benchmark not found (it comes with redis-server: apt install redis-tools)")
+    res = subprocess.run([binary, "-h", "127.0.0.1", "-p", str(port), "-t", "ping,set,get", "-n", str(requests),
+                          "-d", str(size), "-c", str(clients), "--csv"], capture_output=True, text=True,
+                         timeout=600, check=True)
+    rows = [r for r in csv.reader(io.StringIO(res.stdout)) if len(r) >= 2 and r[0] != "test"]
+    return {name.lower(): float(rps) for name, rps, *_ in rows}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from kvmw.testing.redis_process import default_url, host_port
 
@@ -240,6 +261,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         proc, port = start_kvmw_serve(disk, args.memory_only)
         try:
             for size_name, size in SIZES.items():
+                if size_name not in args.sizes:
+                    continue
                 for clients in args.clients:
                     # ~1 GiB of GETs per cell whatever the client count (at least 3 rounds each)
                     ops = args.ops or max(3, (1 << 30) // (size * clients))
@@ -257,18 +280,41 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     rows.append([size_name, clients, s["gbps"], r["gbps"], s["gbps"] / r["gbps"], s["x_redis_paired"],
                                  s["set_gbps"], r["set_gbps"], s["mixed_gbps"] / r["mixed_gbps"],
                                  s["p50_ms"], r["p50_ms"], s["p99_ms"], r["p99_ms"]])
+            if args.redis_benchmark:
+                out["redis_benchmark"] = _redis_benchmark(port, redis_port, args)
         finally:
             proc.terminate()
             proc.wait(60)
     print_table(["value", "clients", "kvmw GET GB/s", "redis GET", "x redis", "paired x", "kvmw SET", "redis SET",
                  "mixed x redis", "kvmw p50 ms", "redis p50", "kvmw p99", "redis p99"], rows)
-    one = out["server"]["3MiB"].get("1")
+    one = out["server"].get("3MiB", {}).get("1")
     if one:
         print(f"raw TCP loopback (1 stream): {raw:.2f} GB/s; kvmw 3 MiB GET with 1 client = "
               f"{one['gbps'] / raw:.2f}x of it")
         print(f"1-client ceiling (a do-nothing process replying 3 MiB per request): {ceiling:.2f} GB/s; "
               f"kvmw {one['gbps'] / ceiling:.2f}x, Redis {out['redis']['3MiB']['1']['gbps'] / ceiling:.2f}x of it")
+    rb = out.get("redis_benchmark")
+    if rb:
+        print()
+        print(f"redis-benchmark -t ping,set,get -n {args.rb_requests} -d 4096 -c 8 (median of {args.rounds}):")
+        print_table(["test", "kvmw req/s", "redis req/s", "x redis"],
+                    [[t, c["kvmw_rps"], c["redis_rps"], c["x_redis"]] for t, c in rb.items()])
     write_json(args.json, out)
+    return out
+
+
+def _redis_benchmark(port: int, redis_port: int, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    print(f"[bench] redis-benchmark -t ping,set,get -n {args.rb_requests} -d 4096 -c 8, "
+          f"{args.rounds} alternating rounds", flush=True)
+    runs_k, runs_r = [], []
+    for _ in range(args.rounds):
+        runs_k.append(redis_benchmark_rps(port, args.rb_requests))
+        runs_r.append(redis_benchmark_rps(redis_port, args.rb_requests))
+    out = {}
+    for test in runs_k[0]:
+        k = statistics.median(r[test] for r in runs_k)
+        r = statistics.median(r[test] for r in runs_r)
+        out[test] = {"kvmw_rps": k, "redis_rps": r, "x_redis": k / r}
     return out
 
 
@@ -280,4 +326,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", default="", help="Redis to compare with (default: KVMW_REDIS_URL or redis://127.0.0.1:6379/0; make redis starts one)")
     p.add_argument("--memory-only", action="store_true",
                    help="run kvmw serve without its disk spill (Redis here keeps nothing on disk either)")
+    p.add_argument("--redis-benchmark", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run redis-benchmark's small SET/GET/PING against both")
+    p.add_argument("--rb-requests", type=int, default=20000, help="requests per redis-benchmark test")
+    p.add_argument("--sizes", nargs="*", default=list(SIZES), choices=list(SIZES),
+                   help="value sizes of the GET/SET cells (none: only redis-benchmark)")
     p.add_argument("--json", default="", help="write the results here (JSON)")
