@@ -84,12 +84,12 @@ class RespConnection(asyncio.BufferedProtocol):
     """Parses commands and hands them, in order, to `handle(conn, args)`, which returns
     a reply (bytes, a list of buffers, or None for nothing) or an awaitable of one: the
     commands behind an awaited one wait (reading pauses) so replies keep their order.
-    `limits()` is asked before each parse (it changes at AUTH)."""
+    `limits` holds for every parse until the server sets another (at AUTH)."""
 
     def __init__(self, handle: Callable[["RespConnection", list[bytes]], Any],
-                 limits: Callable[["RespConnection"], Limits], send_buffer: int = 4 << 20,
+                 limits: Limits, send_buffer: int = 4 << 20,
                  on_close: Callable[["RespConnection"], None] | None = None) -> None:
-        self._handle, self._limits, self._on_close = handle, limits, on_close
+        self._handle, self.limits, self._on_close = handle, limits, on_close
         self._send_buffer = send_buffer
         self._reader = hiredis.Reader()
         self._buf = bytearray(256 << 10)
@@ -106,8 +106,8 @@ class RespConnection(asyncio.BufferedProtocol):
 
     # ---- asyncio callbacks ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop transports are not asyncio.Transport subclasses: duck-typed
+        self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -116,7 +116,7 @@ class RespConnection(asyncio.BufferedProtocol):
         self._fd = sock.fileno() if sock is not None else -1
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self._limits(self).max_request < len(self._buf):  # before AUTH: small reads
+        if self.limits.max_request < len(self._buf):  # before AUTH: small reads
             return self._view[:4096]
         return self._view
 
@@ -153,7 +153,7 @@ class RespConnection(asyncio.BufferedProtocol):
             data = self._inline(data)
             if not data.nbytes:
                 return
-        limits = self._limits(self)
+        limits = self.limits
         if self._idle:
             _check_header(data, limits)
         self._reader.feed(data)
