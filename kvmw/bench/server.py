@@ -285,8 +285,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             proc.terminate()
             proc.wait(60)
-    print_table(["value", "clients", "kvmw GET GB/s", "redis GET", "x redis", "paired x", "kvmw SET", "redis SET",
-                 "mixed x redis", "kvmw p50 ms", "redis p50", "kvmw p99", "redis p99"], rows)
+    if rows:
+        print_table(["value", "clients", "kvmw GET GB/s", "redis GET", "x redis", "paired x", "kvmw SET", "redis SET",
+                     "mixed x redis", "kvmw p50 ms", "redis p50", "kvmw p99", "redis p99"], rows)
     one = out["server"].get("3MiB", {}).get("1")
     if one:
         print(f"raw TCP loopback (1 stream): {raw:.2f} GB/s; kvmw 3 MiB GET with 1 client = "
