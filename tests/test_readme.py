@@ -138,3 +138,17 @@ def test_the_configuration_table_lists_every_kvmwconfig_field():
     rows = re.findall(r"^\| `([a-z_]+)`(?: / `([a-z_]+)`)?(?: / `([a-z_]+)`)? \|", table, flags=re.M)
     listed = {name for row in rows for name in row if name}
     assert listed == {f.name for f in dataclasses.fields(KVMWConfig)}
+
+
+def test_every_figure_in_the_docs_exists_and_names_its_command_and_machine():
+    from PIL import Image
+
+    page = (ROOT / "docs" / "benchmarks.md").read_text()
+    figures = re.findall(r"!\[[^\]]*\]\((figures/[\w.-]+\.png)\)", page)
+    assert len(figures) >= 4
+    for fig in figures:
+        with Image.open(ROOT / "docs" / fig) as img:
+            text = img.text
+        assert text["Description"].startswith("kvmw bench "), fig
+        assert "CPU cores" in text["Source"] and "torch" in text["Source"], fig
+        assert f"`{text['Description']}`" in page, f"{fig}: the page does not quote the command it came from"

@@ -180,14 +180,14 @@ def _plot(out: dict[str, Any], args: argparse.Namespace, path: str) -> None:
         ax.plot(xs, ys, "o-" if len(xs) > 1 else "o", label=strategy)
         for ratio, x, y in zip(per, xs, ys):
             ax.annotate(ratio, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    ax.set_xlabel("TTFT over full prefill (median per task; documents warm in the CPU tier)")
+    ax.set_xlabel("TTFT over full prefill (median per task; documents warm in the CPU tier); labels: recompute ratio")
     ax.set_ylabel(f"accuracy ({out['questions']} questions)")
     ax.set_xlim(left=0)
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    plots.save(fig, path, f"RAG blending, {args.model}, {args.docs} documents of {args.doc_tokens} tokens: "
-               "accuracy vs TTFT per strategy (point labels: recompute ratio)", args)
+    plots.save(fig, path, f"RAG blending, {args.model}, {args.docs} x {args.doc_tokens}-token documents: "
+               "accuracy vs TTFT", args)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
