@@ -23,6 +23,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "eviction": ("kvmw.bench.eviction", "token eviction policies: accuracy and fidelity vs budget"),
     "vllm": ("kvmw.bench.vllm", "vLLM offline: TTFT cold vs warm from kvmw's tiers vs vLLM's prefix cache"),
     "serve": ("kvmw.bench.serve", "vLLM's OpenAI server under load, with and without kvmw"),
+    "faults": ("kvmw.bench.faults", "fault campaign: damaged blobs, killed servers, hostile clients; what was lost"),
 }
 
 

@@ -179,10 +179,13 @@ class Codec:
 
 def decode_blob(data: Any, expected_fingerprint: str | None = None,
                 device: torch.device | str | None = None,
-                out: torch.Tensor | None = None, verify: bool = True) -> tuple[torch.Tensor, BlobMeta]:
+                out: torch.Tensor | None = None, verify: bool = True,
+                dtype: torch.dtype | None = None) -> tuple[torch.Tensor, BlobMeta]:
     """Blob -> (canonical KV on `device`, default CPU; meta). Every failure is a typed `BlobError`.
     With `out` (a CPU tensor, possibly a view of a larger buffer) the KV is decoded into
-    it and `out` is returned; a blob of another shape is a `CorruptBlobError`.
+    it and `out` is returned; a blob of another shape or dtype is a `CorruptBlobError`.
+    `dtype`: the KV dtype the caller's model makes (`out` implies its own): a blob of
+    another is refused (one model's KV has one dtype; reinterpreting it would be wrong KV).
     `verify=False` skips the checksum: only for bytes a validating `TieredStore` just
     returned (it checked them; hashing every loaded byte twice costs a whole pass)."""
     blob = parse_blob(data, expected_fingerprint, verify=verify)
@@ -200,7 +203,10 @@ def decode_blob(data: Any, expected_fingerprint: str | None = None,
     shape = meta.shape
     if len(shape) != 5 or shape[1] != 2 or meta.positions.shape[0] != shape[2]:
         raise CorruptBlobError(f"blob shape {shape} / {meta.positions.shape[0]} positions")
+    want = out.dtype if out is not None else dtype
     dtype = dtype_from_name(meta.dtype)
+    if want is not None and dtype != want:
+        raise CorruptBlobError(f"blob holds {meta.dtype} KV, the caller's is {want}")
     if out is not None:
         if tuple(out.shape) != tuple(shape):
             raise CorruptBlobError(f"blob holds KV of shape {tuple(shape)}, expected {tuple(out.shape)}")

@@ -26,6 +26,7 @@ import zstandard
 from kvmw.errors import ConfigError, CorruptBlobError
 from kvmw.quantizers.base import Quantizer, register_quantizer, tensor_bytes, tensor_from_bytes
 from kvmw.quantizers.common import Workspace, int_opt, round_half_up_, split_payload
+from kvmw.quantizers.zstd import decompress_exact
 
 BITS = range(2, 9)
 QMAX = 127  # symbols are uint8 0..254; |delta| beyond 127 steps is clamped
@@ -136,10 +137,7 @@ class CacheGen(Quantizer):
 
     def _entropy_decode(self, data: memoryview, streams: int, n_sym: int) -> np.ndarray:
         if self.entropy == "zstd":
-            try:
-                raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=streams * n_sym)
-            except zstandard.ZstdError as e:
-                raise CorruptBlobError(f"cachegen zstd stream: {e}") from e
+            raw = decompress_exact(data, streams * n_sym)
             if len(raw) != streams * n_sym:
                 raise CorruptBlobError("cachegen symbol count mismatch")
             sym = np.frombuffer(raw, dtype=np.uint8).reshape(streams, n_sym)
@@ -171,6 +169,10 @@ class CacheGen(Quantizer):
                     continue
                 model = constriction.stream.model.Categorical(c, perfect=False)
                 out[s] = coder.decode(model, n_sym) + ranges[s, 0]
+            # a whole stream, decoded, leaves the coder exactly empty: a cut or padded one
+            # (even under a valid checksum) leaves it in some other state
+            if not coder.is_empty():
+                raise CorruptBlobError("cachegen ANS stream does not end where its symbols do")
         except CorruptBlobError:
             raise
         except (KeyboardInterrupt, SystemExit):

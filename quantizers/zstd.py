@@ -49,13 +49,31 @@ class Zstd(Lossless):
         if data.nbytes < 1:
             raise CorruptBlobError("empty zstd payload")
         shuffle = data[0]
-        try:
-            raw = zstandard.ZstdDecompressor().decompress(data[1:])
-        except zstandard.ZstdError as e:
-            raise CorruptBlobError(f"zstd payload: {e}") from e
+        raw = decompress_exact(data[1:], MAX_DECOMPRESSED)
         if shuffle > 1:
             arr = np.frombuffer(raw, dtype=np.uint8)
             if arr.size % shuffle:
                 raise CorruptBlobError("zstd payload length does not match its shuffle")
             return memoryview(np.ascontiguousarray(arr.reshape(shuffle, -1).T).reshape(-1))
         return memoryview(raw)
+
+
+#: the most one zstd stage may inflate to (a frame's header claiming more is corrupt)
+MAX_DECOMPRESSED = 1 << 30
+
+
+def decompress_exact(data: memoryview, limit: int) -> bytes:
+    """One whole zstd frame and nothing after it, inflating to at most `limit` bytes (its
+    header's content size, checked before anything is allocated). zstd itself ignores
+    bytes after a frame; here they make the payload corrupt, as a cut frame does."""
+    try:
+        size = zstandard.frame_content_size(data)
+        if not 0 <= size <= limit:
+            raise CorruptBlobError(f"zstd frame of {size} bytes (unknown or over {limit})")
+        dobj = zstandard.ZstdDecompressor().decompressobj()
+        raw = dobj.decompress(data)
+    except zstandard.ZstdError as e:
+        raise CorruptBlobError(f"zstd payload: {e}") from e
+    if not dobj.eof or dobj.unused_data or len(raw) != size:
+        raise CorruptBlobError("zstd payload does not end where its frame does")
+    return raw

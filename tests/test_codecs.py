@@ -200,3 +200,38 @@ def test_payload_damage_behind_a_valid_checksum_is_still_typed(small_blobs):
             except BlobError:
                 continue
             assert out.shape == kv.shape  # decoded garbage of the right shape: a forger's problem
+
+
+@pytest.mark.parametrize("spec", ["cachegen", "cachegen:zstd", "int8+zstd", "none+zstd"])
+@pytest.mark.parametrize("change", ["cut", "padded"])
+def test_an_entropy_stream_cut_or_padded_under_a_valid_checksum_is_refused(spec, change):
+    """A frame re-packed (valid checksum) around a payload one word short or long: the
+    entropy stream must not decode into other KV (the fault campaign found cachegen's ANS
+    stream did), and bytes after a zstd frame are corruption, not padding."""
+    from kvmw.blob import pack_blob, parse_blob
+    from kvmw.errors import CorruptBlobError
+
+    kv = torch.randn(2, 2, 32, 2, 64).to(torch.float16)
+    blob = make_codec(spec).encode(kv, "f" * 32, positions=torch.arange(32))
+    parsed = parse_blob(blob)
+    payload = bytes(parsed.payload)
+    forged = pack_blob(parsed.meta, payload[:-4] if change == "cut" else payload + bytes(4))
+    with pytest.raises(CorruptBlobError):
+        decode_blob(forged, "f" * 32, out=torch.empty_like(kv))
+
+
+def test_a_blob_of_another_dtype_is_refused_where_the_caller_says_its_dtype():
+    """fp16 bytes relabelled bf16 (same size, valid checksum) would decode to other KV."""
+    import dataclasses
+
+    from kvmw.blob import pack_blob, parse_blob
+    from kvmw.errors import CorruptBlobError
+
+    kv = torch.randn(2, 2, 32, 2, 64).to(torch.float16)
+    parsed = parse_blob(make_codec("none").encode(kv, "f" * 32))
+    relabelled = pack_blob(dataclasses.replace(parsed.meta, dtype="bfloat16"), bytes(parsed.payload))
+    with pytest.raises(CorruptBlobError, match="bfloat16"):
+        decode_blob(relabelled, "f" * 32, out=torch.empty_like(kv))
+    with pytest.raises(CorruptBlobError):
+        decode_blob(relabelled, "f" * 32, dtype=torch.float16)
+    assert decode_blob(relabelled, "f" * 32)[0].dtype == torch.bfloat16  # no expectation: as labelled

@@ -185,7 +185,8 @@ class KVMW:
             self._stats.load_failures += 1
             return None
         try:
-            kv, meta = decode_blob(blob, self.fingerprint.digest, device=next(self.model.parameters()).device,
+            param = next(self.model.parameters())
+            kv, meta = decode_blob(blob, self.fingerprint.digest, device=param.device, dtype=param.dtype,
                                    verify=not getattr(self.store, "validate", False))
         except BlobError as e:  # the store checked the frame; the payload can still be bad
             log.warning("kvmw: chunk %s did not decode (%s); recomputing it", key, e)

@@ -83,13 +83,46 @@ class ServerConfig:
     write_queue_bytes: int = 256 << 20
 
 
+#: keys up to this long are named by their hex (reversible); longer ones by a 128-bit hash,
+#: their value framed with the key (`LONG_KEY_MAGIC`, u32 length, key): a file name holds
+#: at most 255 bytes, keys up to 512 MiB
+LONG_KEY = 100
+LONG_KEY_MAGIC = b"KVMK"
+
+
 def store_key(key: bytes) -> str:
-    """A disk-safe, reversible name: 16 hash hex chars (sharding) + the key in hex."""
-    return xxhash.xxh3_64_hexdigest(key) + key.hex()
+    """A disk-safe name: 16 hash hex chars (sharding) + the key in hex, or for a key over
+    `LONG_KEY` bytes ``z`` + its xxh3-128 (the key then travels in the value)."""
+    if len(key) <= LONG_KEY:
+        return xxhash.xxh3_64_hexdigest(key) + key.hex()
+    return xxhash.xxh3_64_hexdigest(key) + "z" + xxhash.xxh3_128_hexdigest(key)
 
 
-def original_key(name: str) -> bytes:
-    return bytes.fromhex(name[16:])
+def is_long(name: str) -> bool:
+    return name[16:17] == "z"
+
+
+def frame_long(key: bytes, value: Any) -> bytes:
+    return b"".join((LONG_KEY_MAGIC, len(key).to_bytes(4, "little"), key, memoryview(value).cast("B")))
+
+
+def unframe_long(value: Any) -> tuple[bytes, memoryview] | None:
+    """(key, value) of a long key's stored value; None for anything else."""
+    mv = memoryview(value).cast("B")
+    if mv.nbytes < 8 or mv[:4] != LONG_KEY_MAGIC:
+        return None
+    n = int.from_bytes(mv[4:8], "little")
+    if mv.nbytes < 8 + n:
+        return None
+    return bytes(mv[8:8 + n]), mv[8 + n:]
+
+
+def original_key(name: str, value: Any = None) -> bytes | None:
+    """The key a stored name stands for (a long key's is read from its `value`)."""
+    if not is_long(name):
+        return bytes.fromhex(name[16:])
+    framed = unframe_long(value) if value is not None else None
+    return framed[0] if framed else None
 
 
 class KVServer:
@@ -307,7 +340,10 @@ class KVServer:
         value = self._memory.get(name)
         if value is None and self.config.disk_path:
             value = self.store.get(name)
-        return value
+        if value is None or not is_long(name):
+            return value
+        framed = unframe_long(value)
+        return framed[1] if framed is not None and framed[0] == bytes(key) else None
 
     @staticmethod
     def _bulk(value: Any) -> Any:
@@ -332,7 +368,7 @@ class KVServer:
     def _cmd_set(self, args: list[bytes]) -> bytes:
         key, value, opts = args[0], args[1], [a.upper() for a in args[2:]]
         name = store_key(key)
-        self.store.put(name, value)
+        self.store.put(name, frame_long(key, value) if is_long(name) else value)
         self.expiry.pop(name, None)
         if b"EX" in opts:
             self.expiry[name] = time.monotonic() + int(args[2 + opts.index(b"EX") + 1])
@@ -376,7 +412,8 @@ class KVServer:
         if b"MATCH" in upper:
             pattern = args[upper.index(b"MATCH") + 1].decode(errors="replace")
         names = {n for tier in self.store.tiers for n, _ in tier.entries()}
-        keys = [original_key(n) for n in sorted(names)]
+        keys = [k for k in (original_key(n, self.store.get(n) if is_long(n) else None) for n in sorted(names))
+                if k is not None]
         if pattern is not None:
             keys = [k for k in keys if fnmatch.fnmatchcase(k.decode(errors="replace"), pattern)]
         body = b"".join(b"$%d\r\n%s\r\n" % (len(k), k) for k in keys)
