@@ -302,8 +302,7 @@ class TieredStore:
                     current = entry is None or entry[0] == seq
                     if not current:
                         self.counts["superseded_writes"] += 1
-                if current:
-                    self._write_through(key, blob, cost, tiers, acknowledged)
+                failed = self._put_lower(key, blob, cost, tiers) if current else []
                 with self._lock:
                     entry = self._pending.get(key)
                     deleted = entry is not None and entry[0] == -1
@@ -311,6 +310,8 @@ class TieredStore:
                         entry[1] -= 1
                         if entry[1] <= 0:
                             del self._pending[key]
+                    if current and acknowledged and not deleted:  # a deleted key owes nothing
+                        self._settle_unwritten(key, failed)
                 if current and deleted:  # deleted while being written: undo the write
                     for tier in tiers:
                         self.guarded(tier, "delete", key)
@@ -319,16 +320,16 @@ class TieredStore:
             finally:
                 self._queue.task_done()
 
-    def _write_through(self, key: str, blob: BytesLike, cost: float, tiers: list[Tier],
-                       acknowledged: bool = True) -> None:
-        failed = [t for t in tiers if self.guarded(t, "put", key, blob, cost) != (True, True)]
-        if not (acknowledged and self.track_unwritten):
-            return
-        with self._lock:
-            if failed:
-                self._note_unwritten(key, failed)
-            else:
-                self.unwritten.pop(key, None)
+    def _put_lower(self, key: str, blob: BytesLike, cost: float, tiers: list[Tier]) -> list[Tier]:
+        """Write `blob` into each tier; the tiers that did not take it."""
+        return [t for t in tiers if self.guarded(t, "put", key, blob, cost) != (True, True)]
+
+    def _settle_unwritten(self, key: str, failed: list[Tier]) -> None:
+        """Under _lock: after a write-through of an acknowledged put."""
+        if failed:
+            self._note_unwritten(key, failed)
+        else:
+            self.unwritten.pop(key, None)
 
     def _note_unwritten(self, key: str, tiers: list[Tier]) -> None:
         """Under _lock."""
@@ -364,9 +365,12 @@ class TieredStore:
                         del self.unwritten[key]  # lost for good: reported once
                 failed.append(key)
                 continue
-            self._write_through(key, blob, 1.0, tiers)
+            still = self._put_lower(key, blob, 1.0, tiers)
             with self._lock:
-                if key in self.unwritten:
+                if self.unwritten.get(key) is not tiers:  # deleted or written anew meanwhile
+                    continue
+                self._settle_unwritten(key, still)
+                if still:
                     failed.append(key)
         return failed, overflow
 

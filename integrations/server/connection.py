@@ -38,6 +38,8 @@ import hiredis
 #: replies at least this large skip the transport's buffer when it is empty
 DIRECT_SEND = 64 << 10
 IOV_MAX = 512  # buffers per writev call (Linux allows 1024)
+READ_BUFFER = 256 << 10
+SMALL_READ_BUFFER = 4 << 10
 
 
 @dataclass(frozen=True)
@@ -89,11 +91,12 @@ class RespConnection(asyncio.BufferedProtocol):
     def __init__(self, handle: Callable[["RespConnection", list[bytes]], Any],
                  limits: Limits, send_buffer: int = 4 << 20,
                  on_close: Callable[["RespConnection"], None] | None = None) -> None:
-        self._handle, self.limits, self._on_close = handle, limits, on_close
+        self._handle, self._on_close = handle, on_close
         self._send_buffer = send_buffer
         self._reader = hiredis.Reader()
-        self._buf = bytearray(256 << 10)
+        self._buf = bytearray(0)
         self._view = memoryview(self._buf)
+        self.limits = limits
         self._partial = 0  # bytes fed since the last whole command
         self._idle = True  # hiredis holds no unparsed bytes
         self._pending: deque[list[bytes]] = deque()
@@ -116,9 +119,22 @@ class RespConnection(asyncio.BufferedProtocol):
         self._fd = sock.fileno() if sock is not None else -1
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self.limits.max_request < len(self._buf):  # before AUTH: small reads
-            return self._view[:4096]
         return self._view
+
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
+    @limits.setter
+    def limits(self, limits: Limits) -> None:
+        """Read buffer sized to the limits: 4 KiB while they are small (before AUTH, so a
+        thousand idle strangers hold 4 MiB), 256 KiB after. Swapped only between reads:
+        hiredis has copied what was read."""
+        self._limits = limits
+        size = READ_BUFFER if limits.max_request > READ_BUFFER else SMALL_READ_BUFFER
+        if size != len(self._buf):
+            self._buf = bytearray(size)
+            self._view = memoryview(self._buf)
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.closing:

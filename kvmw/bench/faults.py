@@ -369,12 +369,12 @@ def case_redis_restart_hf(requests: int) -> dict[str, Any]:
     tier = RedisTier(rp.url, prefix="faults:", timeout=0.5)
     store = TieredStore([tier], retry_backoff=0.1)
     hook = KVMW(model, tok, KVMWConfig.load(env={}, chunk_size=64), store=store)
-    killer_at = {requests // 3, 2 * requests // 3}
+    kill_at = {requests // 3, 2 * requests // 3}
     try:
         for r in range(requests):
-            if r in killer_at:  # killed while the previous answers' writes may be in flight
-                rp.kill()
-                threading.Timer(0.3, rp.start).start()
+            if r in kill_at:  # killed 20 ms into this request (its loads), back 0.5 s later, empty
+                threading.Timer(0.02, rp.kill).start()
+                threading.Timer(0.5, rp.start).start()
             i = r % len(prompts)
             try:
                 with torch.inference_mode():
@@ -391,6 +391,51 @@ def case_redis_restart_hf(requests: int) -> dict[str, Any]:
             "tokens_reused": stats["tokens_reused"], "load_failures": stats["load_failures"]}
 
 
+# ---- Redis restarts beneath vLLM ------------------------------------------------------------
+def case_redis_restart_vllm(rounds: int) -> dict[str, Any]:
+    """A vLLM engine (one process, prefix caching on) whose only kvmw tier is a private
+    Redis; each round asks the same prompts again (hits from Redis), and in the middle
+    rounds Redis is killed 50 ms into the batch and restarted empty 1 s later. The
+    reference is the first, cold round (kvmw's tests hold it to vLLM without kvmw)."""
+    from kvmw.integrations.hf.models import install
+    from kvmw.integrations.vllm import kv_transfer_config
+    from kvmw.testing.redis_process import RedisProcess
+    from kvmw.testing.vllm_engine import EngineProcess
+    from kvmw.text_data import essay_text
+    from transformers import AutoTokenizer
+
+    path = str(install("smollm2"))
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok(essay_text(20000)).input_ids
+    prompts = [ids[i * 700:i * 700 + 600 + 40 * i] for i in range(4)]
+    rp = RedisProcess().start()
+    cfg = kv_transfer_config(chunk_size=128, tiers=["redis"], redis_url=rp.url, retry_backoff=0.2,
+                             lookup_timeout=0.1, load_timeout=1.0)
+    failed = wrong = tried = 0
+    cached = 0
+    try:
+        with EngineProcess(path, {"kv_transfer_config": cfg, "enable_prefix_caching": True,
+                                  "max_model_len": 1536, "num_gpu_blocks_override": 96}) as eng:
+            want = [o["tokens"] for o in eng.generate(prompts, max_tokens=8)]
+            for r in range(rounds):
+                if 0 < r < rounds - 1:
+                    threading.Timer(0.05, rp.kill).start()
+                    threading.Timer(1.0, rp.start).start()
+                eng.call("reset_prefix_cache")  # hits come from kvmw's Redis, not vLLM's own cache
+                try:
+                    outs = eng.generate(prompts, max_tokens=8)
+                except Exception:  # noqa: BLE001 - counted: the engine must not fail
+                    failed += len(prompts)
+                    continue
+                tried += len(prompts)
+                wrong += sum(o["tokens"] != w for o, w in zip(outs, want))
+                cached += sum(o["cached"] for o in outs)
+                time.sleep(1.2)  # Redis back before the next round
+    finally:
+        rp.kill()
+    return {"tried": tried, "failed_requests": failed, "wrong": wrong, "lost": 0, "cached_tokens": cached}
+
+
 # ---- disk full ------------------------------------------------------------------------------
 def case_disk_full(puts: int) -> dict[str, Any]:
     from kvmw.quantizers import make_codec
@@ -404,7 +449,8 @@ def case_disk_full(puts: int) -> dict[str, Any]:
     try:
         store = TieredStore([CPUTier(1 << 30), DiskTier(mnt, 1 << 30)], retry_backoff=0.05)
         codec = make_codec("none")
-        blobs = {f"{i:032x}": bytes(codec.encode(torch.randn(2, 2, 64, 2, 16).half(), FP)) for i in range(puts)}
+        # 128 KiB each: the 1 MiB disk is full after 7
+        blobs = {f"{i:032x}": bytes(codec.encode(torch.randn(2, 2, 256, 2, 32).half(), FP)) for i in range(puts)}
         wrong = failed = 0
         for key, blob in blobs.items():
             failed += not store.put(key, blob)
@@ -453,6 +499,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["preauth"] = case_preauth(args.preauth_connections)
     if "redis_restart_hf" in args.cases:
         results["redis_restart_hf"] = case_redis_restart_hf(args.requests)
+    if "redis_restart_vllm" in args.cases:
+        results["redis_restart_vllm"] = case_redis_restart_vllm(args.vllm_rounds)
     if "disk_full" in args.cases:
         results["disk_full"] = case_disk_full(args.full_puts)
     rows = [[case, r.get("tried", 0), r.get("wrong", 0), r.get("lost", 0), r.get("failed_requests", 0),
@@ -477,12 +525,14 @@ def _note(case: str, r: dict[str, Any]) -> str:
         return f"server RSS +{r['rss_growth_mib']:.1f} MiB; {r['closed_by_server']} closed by the server"
     if case == "redis_restart_hf":
         return f"tokens reused {r['tokens_reused']}, load failures {r['load_failures']}"
+    if case == "redis_restart_vllm":
+        return f"prompt tokens from kvmw {r['cached_tokens']}"
     if case == "disk_full":
         return f"{r['on_disk']} of {r['tried']} on the full disk, the rest in memory"
     return ""
 
 
-CASES = ["blobs", "keys", "server_kill", "preauth", "redis_restart_hf", "disk_full"]
+CASES = ["blobs", "keys", "server_kill", "preauth", "redis_restart_hf", "redis_restart_vllm", "disk_full"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -492,7 +542,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients", type=int, default=32, help="writing clients while kvmw serve is killed")
     p.add_argument("--kill-after", type=float, default=2.0, help="seconds of writes before each SIGKILL")
     p.add_argument("--preauth-connections", type=int, default=200, help="unauthenticated hostile connections")
-    p.add_argument("--requests", type=int, default=12, help="HF requests while Redis is killed and restarted")
+    p.add_argument("--requests", type=int, default=24, help="HF requests while Redis is killed and restarted")
+    p.add_argument("--vllm-rounds", type=int, default=4, help="rounds of prompts beneath vLLM (Redis killed in the middle ones)")
     p.add_argument("--full-puts", type=int, default=40, help="blobs put to a store over a 1 MiB disk")
     p.add_argument("--seed", type=int, default=0, help="seed of the damage")
     p.add_argument("--redis-url", default="", help="Redis of the blobs and keys cases "
