@@ -1,12 +1,15 @@
-"""Position-independent reuse of RAG documents: re-positioning and selective recomputation."""
+"""Position-independent reuse of RAG documents: what decides and positions, engine-free.
 
-from kvmw.blending.adapter import LlamaLikeAdapter, UnsupportedModelError
+Strategies (`QueryAware`, `CacheBlend`, `EPIC`, `FullReuse`: which tokens to recompute),
+their plans and RoPE re-positioning (`Repositioner`) are tensor code that imports no
+engine: `kvmw.integrations.hf` (``KVMW.generate_rag``) runs them on a transformers model.
+"""
+
 from kvmw.blending.cacheblend import CacheBlend
 from kvmw.blending.epic import EPIC
 from kvmw.blending.query_aware import QueryAware
-from kvmw.blending.rag import RAGResult, generate_rag
 from kvmw.blending.rope import Repositioner, UnsupportedRotaryError
-from kvmw.blending.strategy import STRATEGIES, BlendStrategy, FullReuse, make_strategy
+from kvmw.blending.strategy import STRATEGIES, BlendStrategy, Deviation, FullReuse, make_strategy
 
-__all__ = ["BlendStrategy", "CacheBlend", "EPIC", "FullReuse", "LlamaLikeAdapter", "QueryAware", "RAGResult",
-           "Repositioner", "STRATEGIES", "UnsupportedModelError", "UnsupportedRotaryError", "generate_rag", "make_strategy"]
+__all__ = ["BlendStrategy", "CacheBlend", "Deviation", "EPIC", "FullReuse", "QueryAware", "Repositioner",
+           "STRATEGIES", "UnsupportedRotaryError", "make_strategy"]

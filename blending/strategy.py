@@ -19,6 +19,15 @@ import torch
 
 
 @dataclass
+class Deviation:
+    """Per-head squared distance [H, S] between the fresh and the held KV of the tokens a
+    layer ran for, keys and values apart (CacheBlend's KV deviation)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+@dataclass
 class BlendPlan:
     """Token bookkeeping of one prompt: cached mask [N] and each document's span."""
 

@@ -5,10 +5,9 @@ import math
 import pytest
 import torch
 
-from kvmw.blending import (CacheBlend, EPIC, FullReuse, QueryAware, Repositioner, UnsupportedModelError,
-                           UnsupportedRotaryError)
-from kvmw.blending.adapter import Deviation, LlamaLikeAdapter
-from kvmw.blending.rag import RAGResult
+from kvmw.blending import CacheBlend, Deviation, EPIC, FullReuse, QueryAware, Repositioner, UnsupportedRotaryError
+from kvmw.integrations.hf.adapter import LlamaLikeAdapter, UnsupportedModelError
+from kvmw.integrations.hf.rag import RAGResult
 from kvmw.blending.query_aware import split_budget
 from kvmw.blending.strategy import BlendPlan, make_strategy
 from kvmw.config import KVMWConfig

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import os
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -84,3 +85,20 @@ def test_the_testing_package_ships_under_its_own_name():
     assert "kvmw.testing" in packages
     assert not (ROOT / "integrations" / "vllm" / "harness.py").exists()
     assert not (ROOT / "storage_tiers" / "redis_server.py").exists()
+
+
+def test_blending_and_eviction_import_no_engine():
+    """What decides and positions is engine-free: no module of blending/ or eviction/ (but
+    eviction/hf.py, the HF runner of the policies) imports transformers, vLLM or
+    kvmw.integrations, and importing the packages loads none of them."""
+    files = [f for part in ("blending", "eviction") for f in (ROOT / part).rglob("*.py") if f.name != "hf.py"]
+    offenders = {str(f.relative_to(ROOT)): sorted(m for m in _imports(f)
+                                                  if m.split(".")[0] in ("transformers", "vllm")
+                                                  or m.startswith("kvmw.integrations"))
+                 for f in files}
+    assert not {f: m for f, m in offenders.items() if m}
+    code = ("import sys, kvmw.blending, kvmw.eviction; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'vllm') "
+            "or m.startswith('kvmw.integrations')))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr

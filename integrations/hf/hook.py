@@ -125,14 +125,14 @@ class KVMW:
         of recomputed tokens, documents per tier, timings; the generation's cache
         with `keep_cache=True`).
         """
-        from kvmw.blending.rag import generate_rag
+        from kvmw.integrations.hf.rag import generate_rag
 
         return generate_rag(self, documents, question, strategy, recompute_ratio, preamble, keep_cache,
                             document_context, stand_in, **generate_kwargs)
 
     def _blender(self) -> Any:
         if getattr(self, "_rag", None) is None:
-            from kvmw.blending.rag import RAGBlender
+            from kvmw.integrations.hf.rag import RAGBlender
 
             self._rag = RAGBlender(self)
         return self._rag

@@ -1,4 +1,5 @@
-"""RAG prompts from separately cached documents: load, re-position, blend, generate.
+"""RAG prompts from separately cached documents through HF `generate`: load, re-position,
+blend (kvmw.blending decides what; this module runs it on the HF model), generate.
 
 A prompt is `preamble + documents... + question`. Each document's KV is
 computed on its own (positions 0..n-1) and stored under a position-independent
@@ -18,11 +19,11 @@ from typing import Any, Sequence
 import torch
 
 from kvmw.blending import cacheblend, epic, query_aware  # noqa: F401  (register the strategies)
-from kvmw.blending.adapter import Deviation, LlamaLikeAdapter, ScatterKV
-from kvmw.blending.probe import attention_probe
 from kvmw.blending.rope import Repositioner
 from kvmw.blending.stand_in import STAND_IN_TEXT
-from kvmw.blending.strategy import BlendPlan, make_strategy
+from kvmw.blending.strategy import BlendPlan, Deviation, make_strategy
+from kvmw.integrations.hf.adapter import LlamaLikeAdapter, ScatterKV
+from kvmw.integrations.hf.probe import attention_probe
 from kvmw.layout import to_hf_layers
 
 log = logging.getLogger("kvmw.blending")

@@ -1,4 +1,4 @@
-"""Run a Llama-like decoder for a chosen subset of query tokens over a full KV.
+"""Run a Llama-like HF decoder for a chosen subset of query tokens over a full KV.
 
 Selective recomputation needs what a normal forward cannot do: queries for a
 few scattered tokens attending over every position, with the cached KV of the
@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from kvmw.blending.strategy import Deviation
 from kvmw.errors import KVMWError
 
 LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral")
@@ -25,15 +26,6 @@ LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral")
 
 class UnsupportedModelError(KVMWError, ValueError):
     """The model is not one the blending adapter knows how to drive."""
-
-
-@dataclass
-class Deviation:
-    """Per-head squared distance [H, S] between the fresh and the held KV of the tokens a
-    layer ran for, keys and values apart (CacheBlend's KV deviation)."""
-
-    keys: torch.Tensor
-    values: torch.Tensor
 
 
 @dataclass
