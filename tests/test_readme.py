@@ -43,10 +43,10 @@ def _run_script(script: Path, tmp_path: Path, timeout: float, env: dict[str, str
     return proc.stdout
 
 
-def _run_python(code: str, tmp_path: Path, timeout: float) -> None:
+def _run_python(code: str, tmp_path: Path, timeout: float, env: dict[str, str] | None = None) -> None:
     script = tmp_path / "readme_session.py"
     script.write_text('if __name__ == "__main__":\n' + "".join(f"    {line}\n" for line in code.splitlines()))
-    _run_script(script, tmp_path, timeout)
+    _run_script(script, tmp_path, timeout, env)
 
 
 def _commands(block: str) -> list[str]:
@@ -60,8 +60,9 @@ def test_the_readme_has_the_snippets_this_test_runs():
     assert any("make demo" in code and "make test" in code for code in SHELL)
 
 
-def test_the_python_snippets_run_as_one_session(model_path, tmp_path):
-    _run_python("\n".join(PYTHON), tmp_path, timeout=900)
+def test_the_python_snippets_run_as_one_session(model_path, tmp_path, redis_prefix):
+    """The default tiers include Redis: its keys go under the fixture's prefix, deleted after."""
+    _run_python("\n".join(PYTHON), tmp_path, timeout=900, env={"KVMW_REDIS_PREFIX": redis_prefix})
 
 
 @pytest.mark.vllm
