@@ -259,8 +259,7 @@ class TieredStore:
         nbytes = memoryview(blob).nbytes
         with self._lock:
             # bounded by bytes too: queued blobs stay pinned after the memory tier let them go
-            # (one blob always fits an empty queue, or a large blob could never be written)
-            if self._queued_bytes and self._queued_bytes + nbytes > self.write_queue_bytes:
+            if not self._fits(nbytes):
                 self.counts["dropped_writes"] += 1
                 if acknowledged:
                     self._note_unwritten(key, tiers)
@@ -340,10 +339,14 @@ class TieredStore:
         else:
             self.unwritten_overflow += 1
 
+    def _fits(self, nbytes: int) -> bool:
+        """Under _lock: the byte bound has room (one blob always fits an empty queue)."""
+        return not self._queued_bytes or self._queued_bytes + nbytes <= self.write_queue_bytes
+
     def has_room(self, nbytes: int = 0) -> bool:
         """Whether a write-through of `nbytes` would be queued now rather than dropped."""
         with self._lock:
-            fits = not self._queued_bytes or self._queued_bytes + nbytes <= self.write_queue_bytes
+            fits = self._fits(nbytes)
         return fits and not self._queue.full()
 
     def sync(self, timeout: float | None = None) -> tuple[list[str], int]:

@@ -51,9 +51,21 @@ def gbps(nbytes: int, seconds: float) -> float:
 
 
 def machine() -> dict[str, Any]:
-    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "platform": platform.platform()}
+    """What a result was measured on (every bench's JSON and figure carry it)."""
+    return {"cpus": len(os.sched_getaffinity(0)), "cpu_model": _cpu_model(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "",
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "platform": platform.platform()}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def print_table(headers: list[str], rows: list[list[Any]]) -> None:

@@ -187,7 +187,7 @@ def case_keys(server_port: int, redis_url: str, disk_dir: str) -> dict[str, Any]
                          ("redis", redis.Redis.from_url(redis_url, socket_timeout=10))):
         bad = []
         for size in sizes:
-            key = (b"kvmw-faults:" + os.urandom(size))[:size] if size > 12 else os.urandom(size)
+            key = os.urandom(size)
             value = os.urandom(64)
             tried += 1
             try:

@@ -9,8 +9,6 @@ description. Every bench with a figure takes ``--plot PATH`` (default: next to
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import shlex
 import sys
 import time
@@ -35,20 +33,12 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def machine_line() -> str:
-    """e.g. '2 CPU cores (AMD EPYC 9R14), no GPU, torch 2.13.0, Python 3.11.9, 2026-12-03'."""
-    import torch
+    """`common.machine()` in a line: '2 CPU cores (Intel Xeon), no GPU, torch 2.13.0, Python 3.11.7, 2026-12-03'."""
+    from kvmw.bench.common import machine
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{len(os.sched_getaffinity(0))} CPU cores ({cpu}), {gpu}, torch {torch.__version__}, "
-            f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}")
+    m = machine()
+    return (f"{m['cpus']} CPU cores ({m['cpu_model']}), {m['gpu'] or 'no GPU'}, torch {m['torch']}, "
+            f"Python {m['python']}, {time.strftime('%Y-%m-%d')}")
 
 
 def pyplot() -> Any:
