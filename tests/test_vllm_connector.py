@@ -394,23 +394,57 @@ def test_async_loader_reports_done_loads_and_gives_up_a_hanging_fetch_without_wr
     hang = threading.Event()
     written = []
     loader = AsyncLoader(timeout=0.3)
+
+    def fetch(part):
+        if part == "hang":
+            hang.wait(5)
+        return part
+
+    def write(part, got):
+        written.append(got)
+        return got != "stop"
+
     try:
-        loader.submit("quick", lambda: [1, 2], lambda got: written.append(("quick", got)) or len(got))
-        loader.submit("slow", lambda: hang.wait(5) and [3], lambda got: written.append(("slow", got)) or 1)
+        loader.submit("quick", ["a", "b"], fetch, write)
+        loader.submit("slow", ["c", "hang", "d"], fetch, write)
         done = loader.drain(0.2)
-        assert done == [("quick", 2)] and loader.in_flight == 1
+        assert done == ["quick"] and loader.in_flight == 1
         t0 = time.monotonic()
         while loader.in_flight:
             done += loader.poll()
             time.sleep(0.01)
-        assert done[-1] == ("slow", None) and loader.given_up == 1 and time.monotonic() - t0 < 0.5
+        assert done[-1] == "slow" and loader.given_up == 1 and time.monotonic() - t0 < 0.5
         hang.set()  # the fetch comes back after its request was reported: nothing is written
         time.sleep(0.1)
-        assert written == [("quick", [1, 2])]
-        loader.submit("boom", lambda: 1 / 0, lambda got: 1)
-        assert loader.drain(2) == [("boom", None)]
+        assert written == ["a", "b", "c"]  # the part before the hang stays written
+        loader.submit("stops", ["e", "stop", "f"], fetch, write)  # a write that fails ends the job
+        loader.submit("boom", ["g"], lambda part: 1 / 0, write)
+        assert sorted(loader.drain(2)) == ["boom", "stops"] and written[3:] == ["e", "stop"]
     finally:
         hang.set()
+        loader.close()
+
+
+def test_async_loader_gives_each_part_its_own_deadline():
+    """Parts that each take most of the timeout are a load that progresses, not a stall:
+    the job finishes although it takes several timeouts in all."""
+    import time
+
+    from kvmw.integrations.vllm.loader import AsyncLoader
+
+    loader = AsyncLoader(timeout=0.3, threads=1)
+    written = []
+    try:
+        t0 = time.monotonic()
+        loader.submit("large", [1, 2, 3, 4], lambda p: time.sleep(0.2) or p, lambda p, got: written.append(got) or True)
+        loader.submit("queued", [5], lambda p: p, lambda p, got: written.append(got) or True)  # waits for the thread
+        done = []
+        while loader.in_flight:
+            done += loader.poll()
+            time.sleep(0.01)
+        assert done == ["large", "queued"] and written == [1, 2, 3, 4, 5] and loader.given_up == 0
+        assert time.monotonic() - t0 > 0.8
+    finally:
         loader.close()
 
 

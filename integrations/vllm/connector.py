@@ -107,6 +107,10 @@ LOAD_BUFFER_KEEP = 512 << 20
 #: in a step with nothing scheduled, the connector waits this long for a pending lookup or
 #: load rather than let vLLM spin (its threads would wait on the GIL behind the spinning)
 IDLE_WAIT = 0.01
+#: an asynchronous load reads its chunks in parts of about this many bytes of KV, each
+#: read given `load_timeout` of its own: a stalled tier is given up within one wait, a
+#: large load that keeps arriving on a busy machine is not (see loader.py)
+LOAD_PART_BYTES = 8 << 20
 
 _LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
 
@@ -178,6 +182,16 @@ def load_config(extra: dict[str, Any] | None) -> KVMWConfig:
     extra = dict(extra or {})
     overrides = dict(extra.get("kvmw") or {})
     return KVMWConfig.load(extra.get("kvmw_config"), **overrides)
+
+
+@dataclass
+class _AsyncLoad:
+    """An asynchronous load's progress, written by its loader thread: the leading chunks
+    written into the pages and their bytes per tier."""
+
+    spec: LoadSpec
+    chunks: int = 0
+    nbytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
 @dataclass
@@ -279,8 +293,8 @@ class KVMWConnector(KVConnectorBase_V1):
             self.store.add_latency_observer(self._observe_tier_call)
             self.store.add_eviction_observer(self._on_evicted)
             self.saver = BackgroundSaver(self._store_chunk, self.config.chunk_size, self.config.save_queue_bytes)
-            self.loader: AsyncLoader[tuple[int, dict[str, int]]] = AsyncLoader(self.config.load_timeout)
-            self._async_specs: dict[str, LoadSpec] = {}
+            self.loader: AsyncLoader[range] = AsyncLoader(self.config.load_timeout)
+            self._async_loads: dict[str, _AsyncLoad] = {}
         log.info("kvmw connector (%s): chunk %d, codec %s, tiers %s, model %s", role_name,
                  self.config.chunk_size, self.config.codec, self.config.tiers, self.fingerprint.digest)
 
@@ -461,9 +475,9 @@ class KVMWConnector(KVConnectorBase_V1):
                 self.wait_for_layer_load(name)
             self._pending = []
 
-    def _decode(self, spec: LoadSpec, fetched: list[tuple[Any, str | None]], out: Callable[[int], torch.Tensor],
+    def _decode(self, keys: list[str], fetched: list[tuple[Any, str | None]], out: Callable[[int], torch.Tensor],
                 decoded: Callable[[int], None] | None = None) -> tuple[int, dict[str, int]]:
-        """Decode the spec's chunks, in order, into ``out(j)`` [L, 2, chunk_size, H, D] up to
+        """Decode the chunks of `keys`, in order, into ``out(j)`` [L, 2, chunk_size, H, D] up to
         the first that is missing or does not decode, calling ``decoded(j)`` after each:
         (chunks decoded, bytes per tier)."""
         from kvmw.quantizers import decode_blob
@@ -471,7 +485,7 @@ class KVMWConnector(KVConnectorBase_V1):
         nbytes: dict[str, int] = defaultdict(int)
         digest = self.fingerprint.digest
         checked = self.store.validate  # the store checksummed what it returned: once is enough
-        for j, (key, (blob, tier)) in enumerate(zip(spec.keys, fetched)):
+        for j, (key, (blob, tier)) in enumerate(zip(keys, fetched)):
             if blob is None:
                 return j, nbytes
             try:
@@ -484,7 +498,7 @@ class KVMWConnector(KVConnectorBase_V1):
             nbytes[tier] += memoryview(blob).nbytes
             if decoded is not None:
                 decoded(j)
-        return len(spec.keys), nbytes
+        return len(keys), nbytes
 
     def _settle(self, spec: LoadSpec, n_loaded: int, nbytes: dict[str, int]) -> int:
         """Count a finished load and report the blocks it did not fill (vLLM recomputes
@@ -508,7 +522,7 @@ class KVMWConnector(KVConnectorBase_V1):
         """Decode into `buf` [L, 2, chunks * chunk_size, H, D]; queue the loaded tokens' page writes."""
         t0 = time.perf_counter()
         cs = self.config.chunk_size
-        n_loaded, nbytes = self._decode(spec, fetched, lambda j: buf[:, :, j * cs:(j + 1) * cs])
+        n_loaded, nbytes = self._decode(spec.keys, fetched, lambda j: buf[:, :, j * cs:(j + 1) * cs])
         loaded_end = self._settle(spec, n_loaded, nbytes)
         if loaded_end > spec.start:
             base = spec.first_chunk * cs
@@ -517,28 +531,41 @@ class KVMWConnector(KVConnectorBase_V1):
         self.stats.load_seconds += time.perf_counter() - t0
 
     def _start_async(self, spec: LoadSpec) -> None:
-        digest = self.fingerprint.digest
+        """Read the chunks in parts of about `LOAD_PART_BYTES` (each part's read has its own
+        `load_timeout`) and write each part's pages as it arrives."""
+        fp, cs = self.fingerprint, self.config.chunk_size
         self.stats.async_loads += 1
-        self._async_specs[spec.req_id] = spec
-        self.loader.submit(spec.req_id, lambda: self.store.fetch_many(spec.keys, digest),
-                           lambda fetched: self._write_async(spec, fetched), len(spec.keys))
-
-    def _write_async(self, spec: LoadSpec, fetched: list[tuple[Any, str | None]]) -> tuple[int, dict[str, int]]:
-        """On a loader thread: decode chunk by chunk and write each into the request's
-        pages, every layer (vLLM runs nothing on these blocks until it is reported)."""
-        fp, cs, bs = self.fingerprint, self.config.chunk_size, self.block_size
+        done = _AsyncLoad(spec)
+        self._async_loads[spec.req_id] = done
         dtype = next(iter(self._kv_caches.values())).dtype
+        chunk_bytes = fp.num_layers * 2 * cs * fp.num_kv_heads * fp.head_dim * dtype.itemsize
+        per_part = max(1, LOAD_PART_BYTES // chunk_bytes)
+        parts = [range(a, min(a + per_part, len(spec.keys))) for a in range(0, len(spec.keys), per_part)]
+        self.loader.submit(spec.req_id, parts,
+                           lambda part: self.store.fetch_many([spec.keys[j] for j in part], fp.digest),
+                           lambda part, fetched: self._write_async(done, part, fetched, dtype))
+
+    def _write_async(self, load: "_AsyncLoad", part: range, fetched: list[tuple[Any, str | None]],
+                     dtype: torch.dtype) -> bool:
+        """On a loader thread: decode a part's chunks one by one and write each into the
+        request's pages, every layer (vLLM runs nothing on these blocks until it is
+        reported). False when one did not load: the rest is recomputed."""
+        spec, fp, cs, bs = load.spec, self.fingerprint, self.config.chunk_size, self.block_size
         chunk = torch.empty(fp.num_layers, 2, cs, fp.num_kv_heads, fp.head_dim, dtype=dtype)
         layers = [(self._kv_caches[name], i) for name, i in self._layer_index.items()]
 
         def write(j: int) -> None:
-            c0 = (spec.first_chunk + j) * cs
+            c0 = (spec.first_chunk + part[j]) * cs
             a, b = max(c0, spec.start), min(c0 + cs, spec.end)
             slots = slots_for_tokens(spec.block_ids, spec.first_block, a, b, bs)
             for layer, i in layers:
                 self._layout.scatter(layer, slots, chunk[i, :, a - c0: b - c0])
+            load.chunks += 1
 
-        return self._decode(spec, fetched, lambda j: chunk, write)
+        n, nbytes = self._decode([spec.keys[j] for j in part], fetched, lambda j: chunk, write)
+        for tier, size in nbytes.items():
+            load.nbytes[tier] += size
+        return n == len(part)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """The asynchronous loads done or given up; their failed blocks are reported in the
@@ -551,10 +578,11 @@ class KVMWConnector(KVConnectorBase_V1):
         if not done:
             return None, None
         t0 = time.perf_counter()
-        for req_id, result in done:
-            self._settle(self._async_specs.pop(req_id), *(result or (0, {})))
+        for req_id in done:  # its job is over: no thread writes to it any more
+            load = self._async_loads.pop(req_id)
+            self._settle(load.spec, load.chunks, load.nbytes)
         self.stats.load_seconds += time.perf_counter() - t0
-        return None, {req_id for req_id, _ in done}
+        return None, set(done)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         if not self._pending:
