@@ -105,10 +105,10 @@ class TieredStore:
     def guarded(self, tier: Tier, op: str, *args: Any) -> tuple[bool, Any]:
         """Run tier.op(*args) under the health rules: (False, None) when the tier
         is being skipped, just failed or rejected this key, else (True, result)."""
-        if not self._available(tier):
-            return False, None
         h = self._health[id(tier)]
-        t0 = time.perf_counter()
+        if not h.healthy and not self._available(tier):
+            return False, None
+        t0 = time.perf_counter() if self._observers else None
         try:
             result = getattr(tier, op)(*args)
         except KeyRejectedError as e:  # the tier answered: it is up, this key is not for it
@@ -128,9 +128,12 @@ class TieredStore:
                                 tier.name, type(e).__name__, e, backoff)
                 h.healthy, h.probing, h.last_error = False, False, f"{type(e).__name__}: {e}"
             return False, None
-        self._up(tier, h)
-        for obs in self._observers:
-            obs(tier.name, _OP_LABEL.get(op, op), time.perf_counter() - t0)
+        if not h.healthy:
+            self._up(tier, h)
+        if t0 is not None:
+            seconds = time.perf_counter() - t0
+            for obs in self._observers:
+                obs(tier.name, _OP_LABEL.get(op, op), seconds)
         return True, result
 
     def _up(self, tier: Tier, h: _Health) -> None:

@@ -213,7 +213,6 @@ def test_two_servers_on_one_store_hit_what_the_other_stored(server, model_path, 
             assert _ask(second, p) == (want, _full_chunks(p)), _kvmw_counters(second)
         assert _settled(second, f'kvmw:tier_hits_total{{tier="{shared}"}}', chunks) == chunks
         m = second.metrics()
-        print("SECOND", _kvmw_counters(second))
         assert m["kvmw:async_loads_total"] == len(contexts)
         assert m["kvmw:chunks_stored_total"] == 0 and m["kvmw:load_failures_total"] == 0
         before = first.metrics()

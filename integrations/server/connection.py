@@ -40,6 +40,7 @@ DIRECT_SEND = 64 << 10
 IOV_MAX = 512  # buffers per writev call (Linux allows 1024)
 READ_BUFFER = 256 << 10
 SMALL_READ_BUFFER = 4 << 10
+_COMMAND_START = (ord("*"), ord("$"))
 
 
 @dataclass(frozen=True)
@@ -164,31 +165,49 @@ class RespConnection(asyncio.BufferedProtocol):
 
     # ---- parsing ----------------------------------------------------------------------------
     def _parse(self, nbytes: int) -> None:
-        data = self._view[:nbytes]
-        if self._idle and data[:1] not in (b"*", b"$"):
-            data = self._inline(data)
+        reader, limits, view = self._reader, self._limits, self._view
+        started = self._idle  # this read starts a command
+        if started and view[0] not in _COMMAND_START:
+            data = self._inline(view[:nbytes])
             if not data.nbytes:
                 return
-        limits = self.limits
-        if self._idle:
-            _check_header(data, limits)
-        self._reader.feed(data)
-        self._partial += data.nbytes
+            reader.feed(data)
+        else:
+            # "*N\r\n$": a short array of bulks, every engine's and tool's command; anything
+            # else has its headers checked before hiredis sees it
+            if started and (view[0] != 42 or view[2] != 13 or view[4] != 36):
+                _check_header(view[:nbytes], limits)
+            reader.feed(view, 0, nbytes)
+        # at most the size of the command in progress as this read began; only a command
+        # that may be larger than max_value has its arguments measured
+        size = self._partial + nbytes
+        pending = self._pending
         while True:
-            cmd = self._reader.gets()
+            cmd = reader.gets()
             if cmd is False:
                 break
-            if not isinstance(cmd, list) or not cmd or not all(isinstance(a, bytes) for a in cmd):
+            if type(cmd) is not list or not cmd:
                 raise ProtocolError("a command is an array of bulk strings")
+            for arg in cmd:
+                if type(arg) is not bytes:
+                    raise ProtocolError("a command is an array of bulk strings")
             if len(cmd) > limits.max_args:
                 raise ProtocolError(f"{len(cmd)} arguments, more than {limits.max_args}")
-            self._pending.append(cmd)
-            self._partial = 0
-        if self._partial > limits.max_request:
-            raise ProtocolError(f"a command of more than {limits.max_request} bytes")
+            if size > limits.max_value and max(map(len, cmd)) > limits.max_value:
+                raise ProtocolError(f"a bulk of more than {limits.max_value} bytes")
+            pending.append(cmd)
+            size = nbytes  # the commands after the first began in this read
         # nothing held: the next read starts a command (or, inside an array hiredis has
-        # partly consumed, an element: those start with "$", which the check leaves alone)
-        self._idle = not self._reader.has_data()
+        # partly consumed, an element: those start with "$", which the checks leave alone)
+        self._idle = not reader.has_data()
+        if self._idle:
+            self._partial = 0
+            return
+        self._partial = size
+        if started:  # a frame that is not whole yet: an absurd header is refused now
+            _check_header(view[:nbytes], limits)
+        if size > limits.max_request:
+            raise ProtocolError(f"a command of more than {limits.max_request} bytes")
 
     def _inline(self, data: memoryview) -> memoryview:
         """Inline commands (``PING\\r\\n``) before the first array; the rest is RESP."""
@@ -208,17 +227,22 @@ class RespConnection(asyncio.BufferedProtocol):
 
     # ---- running commands -------------------------------------------------------------------
     def _run(self) -> None:
-        while self._pending and not self._busy and not self.closing:
-            reply = self._handle(self, self._pending.popleft())
-            if hasattr(reply, "__await__"):
+        pending, handle = self._pending, self._handle
+        while pending and not self._busy and not self.closing:
+            reply = handle(self, pending.popleft())
+            if reply is None:
+                continue
+            if type(reply) is bytes:
+                self._out.append(reply)
+            elif type(reply) is list:
+                self._out.extend(reply)
+            else:  # an awaitable: the commands behind it wait
                 self._busy = True
                 if self.transport is not None:
                     self.transport.pause_reading()
                 self.flush()
                 asyncio.ensure_future(self._finish(reply))
                 return
-            if reply is not None:
-                self.queue(reply)
         self.flush()
 
     async def _finish(self, awaitable: Any) -> None:
@@ -243,14 +267,17 @@ class RespConnection(asyncio.BufferedProtocol):
             self._out.append(reply)
 
     def flush(self) -> None:
-        parts, self._out = self._out, []
+        parts = self._out
         if not parts or self.transport is None or self.transport.is_closing():
             return
-        views = [memoryview(p).cast("B") for p in parts]
-        total = sum(v.nbytes for v in views)
+        self._out = []
+        total = 0
+        for p in parts:
+            total += len(p) if type(p) is bytes else memoryview(p).nbytes
         if total < DIRECT_SEND or self._fd < 0 or self.transport.get_write_buffer_size():
-            self.transport.write(b"".join(views))
+            self.transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
             return
+        views = [memoryview(p).cast("B") for p in parts]
         first = 0
         while first < len(views):  # straight from the stored buffers while the socket takes them
             try:
