@@ -11,9 +11,15 @@ run in the later layers, their fresh KV written over the cached one.
 Gradual filtering (the paper's section 4.3): with `gradual=(m1, m2, ...)` the
 check layer keeps `m1 * recompute_ratio` of the cached tokens, the next layer
 narrows them to `m2 * recompute_ratio` by its own deviation, and so on, down to
-`recompute_ratio` for the remaining layers. `sink_tokens` first tokens of every
-document are always recomputed (inside the budget): each was the first token of
-its own prefill, an attention sink whose cached KV a fused prompt does not want.
+`recompute_ratio` for the remaining layers.
+
+The check layer is 1, as in the paper and LMCache: layer 0's K/V are a function
+of the token and its position alone (its input is the embedding), so the cached
+KV, re-rotated, equals the fresh one there and their deviation is rounding noise;
+a selection at layer 0 is a random one (measured: docs/benchmarks.md#rag-blending).
+The deviation is that of keys and values together, summed over heads: the options
+that scored keys or values alone, by their largest head, or forced each document's
+first tokens in measured no better and were dropped.
 """
 
 from __future__ import annotations
@@ -25,24 +31,16 @@ import torch
 
 from kvmw.blending.strategy import BlendPlan, BlendStrategy, register
 
-DEVIATIONS = ("kv", "keys", "values")
-
-
 @register
 @dataclass
 class CacheBlend(BlendStrategy):
     name: ClassVar[str] = "cacheblend"
     recompute_ratio: float = 0.15
-    check_layer: int = 0  # layers 0..check_layer run for every token
+    check_layer: int = 1  # layers 0..check_layer run for every token
     gradual: tuple[float, ...] = (3.0, 2.0, 1.5)  # budget multipliers at check_layer, check_layer + 1, ...
-    sink_tokens: int = 0  # each document's first tokens, always recomputed (within the budget)
-    deviation: str = "kv"  # what deviates: "kv" (keys + values), "keys" or "values"
-    head_max: bool = False  # score = max over heads of mean-normalized deviation (else the sum)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.deviation not in DEVIATIONS:
-            raise ValueError(f"deviation must be one of {DEVIATIONS}; got {self.deviation!r}")
         if any(m < 1.0 for m in self.gradual):
             raise ValueError(f"gradual multipliers narrow the set down to the budget: >= 1; got {self.gradual}")
 
@@ -59,40 +57,29 @@ class CacheBlend(BlendStrategy):
         m = self.gradual[step] if 0 <= step < len(self.gradual) else 1.0
         return min(plan.num_cached, round(m * self.recompute_ratio * plan.num_cached))
 
-    def score(self, deviation: Any) -> torch.Tensor:
-        """One score per token from a `Deviation` (a 1-D tensor is taken as already scored)."""
+    @staticmethod
+    def score(deviation: Any) -> torch.Tensor:
+        """One score per token from a `Deviation`, keys' and values' summed over heads (a
+        1-D tensor is taken as already scored)."""
         if isinstance(deviation, torch.Tensor):
             return deviation.float()
-        parts = {"kv": (deviation.keys, deviation.values), "keys": (deviation.keys,),
-                 "values": (deviation.values,)}[self.deviation]
-        if self.head_max:  # each head's deviation relative to its own mean, the largest one
-            return torch.stack([p / p.mean(dim=1, keepdim=True).clamp_min(1e-12) for p in parts]).sum(0).amax(0)
-        return sum(p.float().sum(0) for p in parts)
+        return deviation.keys.float().sum(0) + deviation.values.float().sum(0)
 
-    def sinks(self, plan: BlendPlan) -> torch.Tensor:
-        forced = torch.zeros_like(plan.cached)
-        for start, end in plan.spans:
-            forced[start:min(end, start + self.sink_tokens)] = True
-        return forced & plan.cached
-
-    def _top(self, score: torch.Tensor, candidates: torch.Tensor, forced: torch.Tensor, budget: int) -> torch.Tensor:
-        """Bool mask: `forced` plus the highest-scoring other `candidates`, `budget` in all
-        (none forced when they alone exceed it: fewer than one sink token per document fits)."""
-        if int(forced.sum()) > budget:
-            forced = torch.zeros_like(forced)
-        chosen, open_ = forced.clone(), candidates & ~forced
-        rest = min(budget - int(forced.sum()), int(open_.sum()))
-        if rest > 0:
-            chosen[score.float().cpu().masked_fill(~open_, float("-inf")).topk(rest).indices] = True
+    @staticmethod
+    def _top(score: torch.Tensor, candidates: torch.Tensor, budget: int) -> torch.Tensor:
+        """Bool mask of the `budget` highest-scoring `candidates`."""
+        chosen = torch.zeros_like(candidates)
+        budget = min(budget, int(candidates.sum()))
+        if budget > 0:
+            chosen[score.float().cpu().masked_fill(~candidates, float("-inf")).topk(budget).indices] = True
         return chosen
 
     def select(self, plan: BlendPlan, deviation: Any) -> torch.Tensor:
         budget = self.budget(plan, 0)
         if budget == 0 or deviation is None:
             return torch.zeros_like(plan.cached)
-        return self._top(self.score(deviation), plan.cached, self.sinks(plan), budget)
+        return self._top(self.score(deviation), plan.cached, budget)
 
     def refine(self, plan: BlendPlan, layer: int, index: torch.Tensor, deviation: Any) -> torch.Tensor:
         cached = plan.cached[index.cpu()]
-        forced = self.sinks(plan)[index.cpu()]
-        return self._top(self.score(deviation), cached, forced, self.budget(plan, layer - self.full_layers + 1)) | ~cached
+        return self._top(self.score(deviation), cached, self.budget(plan, layer - self.full_layers + 1)) | ~cached

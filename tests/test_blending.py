@@ -97,14 +97,14 @@ def test_cacheblend_picks_the_most_deviating_cached_tokens():
         CacheBlend(recompute_ratio=1.5)
 
 
-def test_cacheblend_sink_tokens_gradual_filtering_and_deviation_kinds():
+def test_cacheblend_checks_layer_1_filters_gradually_and_scores_keys_plus_values():
     cached = torch.tensor([False] + [True] * 10 + [False])
     plan = BlendPlan(cached=cached, spans=[(1, 6), (6, 11)])
     deviation = torch.tensor([99.0, 1, 7, 3, 9, 2, 8, 0, 4, 5, 6, 99])
-    # each document's first token (1 and 6) is forced in, the budget (3) filled by deviation
-    assert CacheBlend(0.3, gradual=(), sink_tokens=1).select(plan, deviation).nonzero().squeeze(1).tolist() == [1, 4, 6]
-    # more sink tokens than the budget holds: none forced, plain top-k
-    assert CacheBlend(0.1, gradual=(), sink_tokens=1).select(plan, deviation).nonzero().squeeze(1).tolist() == [4]
+    # the budget (3 of 10) by deviation, uncached tokens never candidates
+    assert CacheBlend(0.3, gradual=()).select(plan, deviation).nonzero().squeeze(1).tolist() == [2, 4, 6]
+    # layer 0's K/V depend on the token and its position alone: the check is at layer 1
+    assert CacheBlend().check_layer == 1 and CacheBlend().full_layers == 2
     # gradual: 2x the budget at the check layer (6 of 10), then narrowed to 3 by the next layer's deviation
     blend = CacheBlend(0.3, check_layer=1, gradual=(2.0,))
     assert blend.full_layers == 2 and blend.refine_layers == (2,)
@@ -116,15 +116,9 @@ def test_cacheblend_sink_tokens_gradual_filtering_and_deviation_kinds():
     assert index[keep].tolist() == [0, 6, 9, 10, 11]  # uncached ends always kept
     with pytest.raises(ValueError):
         CacheBlend(0.3, gradual=(0.5,))
-    with pytest.raises(ValueError):
-        CacheBlend(0.3, deviation="queries")
-    # deviation kinds: per-head [H, S] keys and values
+    # per-head [H, S] deviations of keys and values, summed
     dev = Deviation(keys=torch.tensor([[2.0, 0, 0], [2.0, 0, 0]]), values=torch.tensor([[1.0, 3, 0], [0.0, 0, 0.5]]))
-    assert CacheBlend(deviation="keys").score(dev).argmax() == 0
-    assert CacheBlend(deviation="values").score(dev).argmax() == 1
-    assert CacheBlend(deviation="kv").score(dev).tolist() == [5.0, 3.0, 0.5]
-    # head_max: a token that stands out in one head (relative to that head's mean) wins
-    assert CacheBlend(deviation="values", head_max=True).score(dev).argmax() == 2
+    assert CacheBlend.score(dev).tolist() == [5.0, 3.0, 0.5]
 
 
 
@@ -234,7 +228,7 @@ def exact_doc_kvs(model, ids, spans):
 @pytest.mark.parametrize("strategy", [CacheBlend(0.3), EPIC(0.3), FullReuse(), QueryAware(0.3),
                                       CacheBlend(0.0, check_layer=3),
                                       CacheBlend(0.3, check_layer=1, gradual=()),
-                                      CacheBlend(0.3, gradual=(2.0, 1.5), sink_tokens=2, deviation="values")])
+                                      CacheBlend(0.3, check_layer=0, gradual=(2.0, 1.5))])
 def test_selective_recompute_over_exact_kv_changes_nothing(smollm2, docs, strategy):
     """Recomputed tokens attend over cached ones with the right causal mask: with exact cached
     KV, the blended KV of every layer equals the full prefill's (a query-vs-cache mask

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from kvmw.bench import plots
+from kvmw.blending import CacheBlend
 from kvmw.bench.common import machine, print_table, write_json
 from kvmw.text_data import RAG_PREAMBLE as PREAMBLE
 from kvmw.text_data import STAND_IN_ESSAYS, code_question, fact_documents, stand_in_documents
@@ -107,7 +108,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         todo = list(configs)
         while todo:
             strategy, ratio = todo.pop(0)
-            res = hook.generate_rag(docs, task["question"], strategy=strategy, recompute_ratio=ratio,
+            how: Any = strategy
+            if strategy == "cacheblend" and args.check_layer is not None:
+                how = CacheBlend(ratio, check_layer=args.check_layer)
+            res = hook.generate_rag(docs, task["question"], strategy=how, recompute_ratio=ratio,
                                     preamble=PREAMBLE, keep_cache=True,
                                     document_context=args.document_context, stand_in=stand_in, **gen)
             if strategy == "cacheblend" and ratio in args.ratios and not args.no_match:
@@ -202,6 +206,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--query-aware-ratios", nargs="*", type=float, default=[0.15],
                    help="query-aware (A^3-style) recompute ratios")
     p.add_argument("--no-match", action="store_true", help="no EPIC run at CacheBlend's work")
+    p.add_argument("--check-layer", type=int, default=None,
+                   help="CacheBlend's check layer (the last that runs for every token; default: CacheBlend's)")
     p.add_argument("--steps", type=int, default=16, help="greedy answer tokens (agreement steps)")
     p.add_argument("--codec", default="none", help="codec of the cached documents")
     p.add_argument("--document-context", choices=("preamble", "stand_in", "none"), default="stand_in",
