@@ -58,6 +58,7 @@ Worker side (called by vLLM's model runner / attention layers, per step):
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 import time
@@ -187,9 +188,14 @@ def load_config(extra: dict[str, Any] | None) -> KVMWConfig:
 @dataclass
 class _AsyncLoad:
     """An asynchronous load's progress, written by its loader thread: the leading chunks
-    written into the pages and their bytes per tier."""
+    written into the pages and their bytes per tier; `chunk`, the one buffer its parts
+    decode into [L, 2, chunk_size, H, D], made on the loader thread (one made on the
+    step, under vLLM's inference mode, could not be written there)."""
 
     spec: LoadSpec
+    chunk_shape: tuple[int, ...]
+    dtype: torch.dtype
+    chunk: torch.Tensor | None = None
     chunks: int = 0
     nbytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
@@ -535,23 +541,22 @@ class KVMWConnector(KVConnectorBase_V1):
         `load_timeout`) and write each part's pages as it arrives."""
         fp, cs = self.fingerprint, self.config.chunk_size
         self.stats.async_loads += 1
-        done = _AsyncLoad(spec)
-        self._async_loads[spec.req_id] = done
         dtype = next(iter(self._kv_caches.values())).dtype
-        chunk_bytes = fp.num_layers * 2 * cs * fp.num_kv_heads * fp.head_dim * dtype.itemsize
-        per_part = max(1, LOAD_PART_BYTES // chunk_bytes)
+        done = _AsyncLoad(spec, (fp.num_layers, 2, cs, fp.num_kv_heads, fp.head_dim), dtype)
+        self._async_loads[spec.req_id] = done
+        per_part = max(1, LOAD_PART_BYTES // (math.prod(done.chunk_shape) * dtype.itemsize))
         parts = [range(a, min(a + per_part, len(spec.keys))) for a in range(0, len(spec.keys), per_part)]
         self.loader.submit(spec.req_id, parts,
                            lambda part: self.store.fetch_many([spec.keys[j] for j in part], fp.digest),
-                           lambda part, fetched: self._write_async(done, part, fetched, dtype))
+                           lambda part, fetched: self._write_async(done, part, fetched))
 
-    def _write_async(self, load: "_AsyncLoad", part: range, fetched: list[tuple[Any, str | None]],
-                     dtype: torch.dtype) -> bool:
+    def _write_async(self, load: "_AsyncLoad", part: range, fetched: list[tuple[Any, str | None]]) -> bool:
         """On a loader thread: decode a part's chunks one by one and write each into the
         request's pages, every layer (vLLM runs nothing on these blocks until it is
         reported). False when one did not load: the rest is recomputed."""
-        spec, fp, cs, bs = load.spec, self.fingerprint, self.config.chunk_size, self.block_size
-        chunk = torch.empty(fp.num_layers, 2, cs, fp.num_kv_heads, fp.head_dim, dtype=dtype)
+        if load.chunk is None:
+            load.chunk = torch.empty(load.chunk_shape, dtype=load.dtype)
+        spec, chunk, cs, bs = load.spec, load.chunk, self.config.chunk_size, self.block_size
         layers = [(self._kv_caches[name], i) for name, i in self._layer_index.items()]
 
         def write(j: int) -> None:
