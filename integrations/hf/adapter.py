@@ -5,7 +5,7 @@ few scattered tokens attending over every position, with the cached KV of the
 tokens that are not recomputed. The adapter drives the model's own modules
 (embedding, decoder layers, final norm, head), so q/k norms, biases and the
 attention kernel stay the model's; it passes each layer a `ScatterKV` in place
-of a Cache, whose `update` writes the fresh keys and values of the selected
+of a Cache (`kvmw.blending.blend.ScatterKV`), whose `update` writes the fresh keys and values of the selected
 tokens into the full per-layer KV and hands that back to attention, and a
 boolean mask that lets query position p see key positions <= p (and within a
 sliding window where the layer has one).
@@ -13,12 +13,12 @@ sliding window where the layer has one).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 
-from kvmw.blending.strategy import Deviation
+from kvmw.blending.blend import ScatterKV
 from kvmw.errors import KVMWError
 
 LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral")
@@ -28,32 +28,9 @@ class UnsupportedModelError(KVMWError, ValueError):
     """The model is not one the blending adapter knows how to drive."""
 
 
-@dataclass
-class ScatterKV:
-    """Per-layer full KV [1, H, T, D]; `update` scatters the selected tokens' fresh KV in.
-
-    `deviation`, when a list, receives the layer's `Deviation` (fresh vs previously
-    held KV of the `index` tokens) before the fresh KV overwrites the held one.
-    """
-
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    index: torch.Tensor
-    deviation: list[Deviation] | None = field(default=None)
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-               *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = self.keys[layer_idx], self.values[layer_idx]
-        if self.deviation is not None:
-            old_k, old_v = k[:, :, self.index], v[:, :, self.index]
-            self.deviation.append(Deviation((key_states - old_k).float().pow(2).sum(dim=(0, 3)),
-                                            (value_states - old_v).float().pow(2).sum(dim=(0, 3))))
-        k[:, :, self.index] = key_states.to(k.dtype)
-        v[:, :, self.index] = value_states.to(v.dtype)
-        return k, v
-
-
 class LlamaLikeAdapter:
+    """A `kvmw.blending.blend.LayerRunner` over a Llama-like transformers model."""
+
     def __init__(self, model: Any) -> None:
         if getattr(model.config, "model_type", "") not in LLAMA_LIKE:
             raise UnsupportedModelError(
@@ -70,10 +47,18 @@ class LlamaLikeAdapter:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.body.embed_tokens(ids.reshape(1, -1).to(self.model.device))
 
-    def run_layer(self, i: int, hidden: torch.Tensor, positions: torch.Tensor, kv: ScatterKV,
-                  kv_positions: torch.Tensor) -> torch.Tensor:
+    def keep(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return hidden[:, mask]
+
+    def probe(self, num_positions: int) -> AbstractContextManager[torch.Tensor]:
+        from kvmw.integrations.hf.probe import attention_probe
+
+        return attention_probe(self.model, num_positions)
+
+    def run_layer(self, i: int, hidden: torch.Tensor, positions: torch.Tensor, kv: ScatterKV) -> torch.Tensor:
         """Layer `i` for the tokens in `hidden` ([1, S, E], at `positions` [S]) over the full KV
-        (at `kv_positions`, 0..N-1; when S == N the queries are every position in order)."""
+        (positions 0..N-1; when S == N the queries are every position in order)."""
+        kv_positions = torch.arange(kv.keys[i].shape[2], device=positions.device)
         cos_sin = self.body.rotary_emb(hidden, positions.reshape(1, -1))
         mask = None  # every token at its own position: sdpa's causal path, no mask to build
         bool_masks = self._bool_masks()

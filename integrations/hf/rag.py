@@ -19,19 +19,13 @@ from typing import Any, Sequence
 import torch
 
 from kvmw.blending import cacheblend, epic, query_aware  # noqa: F401  (register the strategies)
+from kvmw.blending.blend import DOCUMENT_CONTEXTS, blend, document_context, empty_kv, place_documents
 from kvmw.blending.rope import Repositioner
 from kvmw.blending.stand_in import STAND_IN_TEXT
-from kvmw.blending.strategy import BlendPlan, Deviation, make_strategy
-from kvmw.integrations.hf.adapter import LlamaLikeAdapter, ScatterKV
-from kvmw.integrations.hf.probe import attention_probe
-from kvmw.layout import to_hf_layers
+from kvmw.blending.strategy import BlendPlan, make_strategy
+from kvmw.integrations.hf.adapter import LlamaLikeAdapter
 
 log = logging.getLogger("kvmw.blending")
-
-#: what a document's KV is computed after: the prompt's preamble (the sink and instructions
-#: every prompt shares), the preamble then a stand-in document (`kvmw.blending.stand_in`: the
-#: KV of a document that follows another), or nothing (alone at positions 0..n-1)
-DOCUMENT_CONTEXTS = ("preamble", "stand_in", "none")
 
 
 @dataclass
@@ -105,15 +99,13 @@ class RAGBlender:
         `stand_in`: text or ids of the stand-in document (None: `STAND_IN_TEXT`)."""
         if kind not in DOCUMENT_CONTEXTS:
             raise ValueError(f"document_context must be one of {DOCUMENT_CONTEXTS}; got {kind!r}")
-        if kind == "none":
-            return None
-        if kind == "preamble":
-            return preamble
-        if stand_in is None and self.hook.tokenizer is None:
-            raise ValueError("the default stand-in document is text: pass stand_in= ids, a tokenizer to KVMW(...), "
-                             "or document_context='preamble'")
-        ids = self._ids(STAND_IN_TEXT if stand_in is None else stand_in)
-        return ids if preamble is None else torch.cat([preamble, ids])
+        ids = None
+        if kind == "stand_in":
+            if stand_in is None and self.hook.tokenizer is None:
+                raise ValueError("the default stand-in document is text: pass stand_in= ids, a tokenizer to "
+                                 "KVMW(...), or document_context='preamble'")
+            ids = self._ids(STAND_IN_TEXT if stand_in is None else stand_in)
+        return document_context(kind, preamble, ids)
 
     def segments(self, documents: Sequence[Any], question: Any, preamble: Any = None
                  ) -> tuple[torch.Tensor, list[tuple[int, int]], torch.Tensor | None]:
@@ -171,61 +163,22 @@ class RAGBlender:
     def blend(self, ids: torch.Tensor, spans: list[tuple[int, int]], doc_kvs: list[torch.Tensor],
               strategy: Any, result: RAGResult, first_position: int = 0
               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per-layer KV [1, H, N, D] of the whole prompt after selective recomputation;
-        each document's cached KV starts at `first_position`."""
+        """Per-layer KV [1, H, N, D] of the whole prompt after selective recomputation
+        (`kvmw.blending.blend`); each document's cached KV starts at `first_position`."""
         n, device = len(ids), self.model.device
         dtype = next(self.model.parameters()).dtype
         first = doc_kvs[0] if doc_kvs else None
-        L = self.adapter.num_layers
         heads, dim = (first.shape[3], first.shape[4]) if first is not None else _kv_geometry(self.model)
-        keys = [torch.zeros(1, heads, n, dim, dtype=dtype, device=device) for _ in range(L)]
-        values = [torch.zeros_like(k) for k in keys]
-        cached = torch.zeros(n, dtype=torch.bool)
+        keys, values = empty_kv(self.adapter.num_layers, n, heads, dim, dtype, device)
         t0 = time.perf_counter()
-        for (start, end), kv in zip(spans, doc_kvs):
-            for i, (k, v) in enumerate(to_hf_layers(kv)):
-                keys[i][:, :, start:end] = self.repositioner.rotate(k, start - first_position)
-                values[i][:, :, start:end] = v
-            cached[start:end] = True
+        cached = place_documents(keys, values, spans, doc_kvs, self.repositioner.rotate, first_position)
         result.timings["load"] += time.perf_counter() - t0
-
         t0 = time.perf_counter()
-        positions = torch.arange(n, device=device)
-        full = min(strategy.full_layers, L)
-        refine = set(strategy.refine_layers)
-        plan = BlendPlan(cached=cached, spans=spans)
-        token_layers = 0
-        if strategy.probes:  # the uncached tokens alone over the reused KV: where do they look?
-            index = (~cached).nonzero().squeeze(1).to(device)
-            with attention_probe(self.model, n) as mass:
-                hidden = self.adapter.embed(ids[index.cpu()])
-                for i in range(L):
-                    hidden = self.adapter.run_layer(i, hidden, positions[index], ScatterKV(keys, values, index),
-                                                    positions)
-            plan.attention = mass.cpu()
-            token_layers += index.numel() * L
-        index = torch.arange(n, device=device)
-        if full:
-            hidden = self.adapter.embed(ids)
-        else:  # no layer for everyone: the strategy chooses up front
-            index = (strategy.select(plan, None) | ~cached).nonzero().squeeze(1).to(device)
-            hidden = self.adapter.embed(ids[index.cpu()])
-        for i in range(L):
-            deviation: list[Deviation] | None = [] if i == full - 1 or i in refine else None
-            hidden = self.adapter.run_layer(i, hidden, positions[index], ScatterKV(keys, values, index, deviation),
-                                            positions)
-            token_layers += index.numel()
-            if i == full - 1:  # the check layer: every token ran, keep the chosen ones
-                keep = (strategy.select(plan, deviation[0]) | ~cached).to(device)
-            elif i in refine and i < L - 1:  # gradual filtering: narrow the set by this layer's deviation
-                keep = strategy.refine(plan, i, index, deviation[0]).to(device)
-            else:
-                continue
-            index, hidden = index[keep], hidden[:, keep]
+        work = blend(self.adapter, ids, BlendPlan(cached=cached, spans=spans), keys, values, strategy)
         result.timings["recompute"] = time.perf_counter() - t0
-        result.recomputed_tokens = int(index.numel())
-        result.token_layers = token_layers
-        result.full_layers = full
+        result.recomputed_tokens = int(work.index.numel())
+        result.token_layers = work.token_layers
+        result.full_layers = work.full_layers
         return keys, values
 
 
