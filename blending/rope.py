@@ -25,6 +25,10 @@ class UnsupportedRotaryError(KVMWError, ValueError):
 
 
 class Repositioner:
+    """Moves cached keys by whole positions. Built from a transformers model (`model`,
+    its rotary module's `inv_freq`) or from the frequencies themselves (`from_inv_freq`,
+    what an engine that keeps only a cos/sin table hands over)."""
+
     def __init__(self, model: Any) -> None:
         rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
         if rotary is None or not hasattr(rotary, "inv_freq"):
@@ -37,6 +41,13 @@ class Repositioner:
         if getattr(model.config, "partial_rotary_factor", 1.0) != 1.0:
             raise UnsupportedRotaryError("partial rotary embeddings are not supported")
         self.inv_freq = rotary.inv_freq.detach().float().cpu().clone()
+
+    @classmethod
+    def from_inv_freq(cls, inv_freq: torch.Tensor) -> "Repositioner":
+        """From the rotary frequencies [D/2] (scaling already applied)."""
+        self = cls.__new__(cls)
+        self.inv_freq = inv_freq.detach().float().cpu().clone()
+        return self
 
     def rotate(self, keys: torch.Tensor, delta: torch.Tensor | int) -> torch.Tensor:
         """Keys [..., T, D] moved by `delta` positions (an int, or [T] per token)."""

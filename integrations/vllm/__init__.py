@@ -1,4 +1,5 @@
-"""kvmw's vLLM integration: the `KVMWConnector` KV connector.
+"""kvmw's vLLM integration: the `KVMWConnector` KV connector (prefix reuse, and RAG
+blending for requests that carry their documents: `rag_request`).
 
 ``pip install kvmw[vllm]`` registers it through vLLM's ``vllm.general_plugins``
 entry point (`register`), so ``--kv-transfer-config
@@ -37,6 +38,10 @@ def register() -> None:
 
 
 def __getattr__(name: str) -> Any:
+    if name in ("rag_request", "RAGRequest"):
+        from kvmw.integrations.vllm import rag
+
+        return getattr(rag, name)
     if name in ("KVMWConnector", "KVMWConnectorMetadata", "KVMWWorkerMetadata"):
         from kvmw.integrations.vllm import connector
 
@@ -44,4 +49,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
-__all__ = ["CONNECTOR_NAME", "kv_transfer_config", "register", "KVMWConnector"]
+__all__ = ["CONNECTOR_NAME", "kv_transfer_config", "register", "KVMWConnector", "rag_request", "RAGRequest"]

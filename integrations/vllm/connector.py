@@ -78,11 +78,16 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from kvmw.blending.blend import document_context
+from kvmw.blending.stand_in import STAND_IN_TEXT
 from kvmw.config import KVMWConfig
 from kvmw.errors import BlobError, ConfigError
+from kvmw.integrations.vllm.blend_plan import BlendPlanner, BlendRequest, BlendRequestError, BlendSpec, find_spans
 from kvmw.integrations.vllm.model_identity import fingerprint_for_vllm
 from kvmw.integrations.vllm.paged_layout import (CPUPagedLayout, PagedLayout, layout_for, probe_cpu_offsets,
                                                   slots_for_tokens)
+from kvmw.integrations.vllm.blend_runner import find_model_runner
+from kvmw.integrations.vllm.blend_worker import BlendWorker
 from kvmw.integrations.vllm.loader import AsyncLoader
 from kvmw.integrations.vllm.lookup import INDEX_MAX_KEYS, RemoteLookups, WorkerIndex
 from kvmw.integrations.vllm.plan import LoadSpec, Planner, SaveSpec, StepPlan
@@ -123,6 +128,8 @@ class KVMWConnectorMetadata(KVConnectorMetadata):
 
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
+    #: RAG blends to run before this step's forward (blend_plan.py)
+    blends: list[BlendSpec] = field(default_factory=list)
     #: nothing is scheduled this step (vLLM runs no forward, only the connector)
     idle: bool = False
 
@@ -135,6 +142,8 @@ class KVMWWorkerMetadata(KVConnectorWorkerMetadata):
     stored: list[str] = field(default_factory=list)
     failed: dict[str, int] = field(default_factory=dict)
     evicted: list[str] = field(default_factory=list)
+    #: per blended request, what the blend did (the response's kv_transfer_params)
+    blends: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         if isinstance(other, KVMWWorkerMetadata):
@@ -144,6 +153,7 @@ class KVMWWorkerMetadata(KVConnectorWorkerMetadata):
             self.evicted = list(set(self.evicted) | set(other.evicted))
             for rid, chunk in other.failed.items():
                 self.failed[rid] = min(chunk, self.failed.get(rid, chunk))
+            self.blends.update(other.blends)
         return self
 
 
@@ -227,6 +237,14 @@ class ConnectorStats:
     #: seconds the background saver spent encoding and storing (off the step)
     store_seconds: float = 0.0
     bytes_loaded: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    #: RAG blends run, documents they reused per tier, tokens they recomputed, documents
+    #: computed and stored for later prompts, blends whose documents did not all load
+    blends: int = 0
+    blend_documents_loaded: int = 0
+    blend_tokens_recomputed: int = 0
+    documents_computed: int = 0
+    blend_failures: int = 0
+    blend_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -277,6 +295,9 @@ class KVMWConnector(KVConnectorBase_V1):
                 # kvmw is a cache: a chunk that does not load is recomputed, never a failed request
                 ktc.kv_load_failure_policy = "recompute"
             self.planner = Planner(self.config.chunk_size, self.block_size, self._lookup)
+            self.blends = BlendPlanner(self.block_size, self._lookup)
+            self._tokenizer: Any = None
+            self._model_config = mc
             self._remote = RemoteLookups(lambda keys: self.store.contains(keys, remote=True),
                                          self.config.lookup_timeout)
             #: what the worker's tiers hold, as it reported (invisible from here when it is
@@ -301,6 +322,13 @@ class KVMWConnector(KVConnectorBase_V1):
             self.saver = BackgroundSaver(self._store_chunk, self.config.chunk_size, self.config.save_queue_bytes)
             self.loader: AsyncLoader[range] = AsyncLoader(self.config.load_timeout)
             self._async_loads: dict[str, _AsyncLoad] = {}
+            #: vLLM's model (register_model) or the model runner that registered the caches
+            self._model: Any = None
+            self._model_runner: Any = None
+            self._blender: BlendWorker | None = None
+            self._blend_outcomes: dict[str, dict[str, Any]] = {}
+            #: the last blend's outcome with its recomputed positions (tests read it)
+            self.last_blend: dict[str, Any] | None = None
         log.info("kvmw connector (%s): chunk %d, codec %s, tiers %s, model %s", role_name,
                  self.config.chunk_size, self.config.codec, self.config.tiers, self.fingerprint.digest)
 
@@ -337,7 +365,8 @@ class KVMWConnector(KVConnectorBase_V1):
         now: dict[str, float] = {name: getattr(s, name) for name in (
             "chunks_loaded", "tokens_loaded", "load_failures", "async_loads", "loads_given_up", "async_fetch_seconds",
             "blocks_recomputed", "chunks_stored",
-            "dropped_saves", "load_seconds", "save_seconds", "store_seconds")}
+            "dropped_saves", "load_seconds", "save_seconds", "store_seconds", "blends", "blend_documents_loaded",
+            "blend_tokens_recomputed", "documents_computed", "blend_failures", "blend_seconds")}
         for tier in self.store.tiers:
             counters = tier.counters.as_dict()
             for name in TIER_COUNTERS:
@@ -367,6 +396,12 @@ class KVMWConnector(KVConnectorBase_V1):
         prompt = request.prompt_token_ids
         if prompt is None:  # prompt embeddings: no token ids to key on
             return 0, False
+        if request.request_id in self.blends.requests or self._asks_blend(request):
+            n = self.blends.matched_tokens(request.request_id, num_computed_tokens)
+            if n is None:
+                return None, False
+            self.stats.hit_tokens += n
+            return n, False
         ks = self._keyspace(getattr(request, "cache_salt", None))
         matched = self.planner.matched_tokens(request.request_id, lambda: ks.prefix_keys(prompt),
                                               request.num_tokens, num_computed_tokens)
@@ -376,8 +411,46 @@ class KVMWConnector(KVConnectorBase_V1):
         self.stats.readmitted = self.planner.readmitted
         return matched
 
+    def _asks_blend(self, request: "Request") -> bool:
+        """Register a request that asks for RAG blending (kv_transfer_params["kvmw"]); a
+        malformed ask is logged and the request runs as a plain one."""
+        params = getattr(request, "kv_transfer_params", None)
+        if not params or "kvmw" not in params:
+            return False
+        prompt = request.prompt_token_ids
+        try:
+            ask = BlendRequest.from_params(params, self._tokenize)
+            if ask is None:
+                return False
+            spans = find_spans(prompt, ask.documents)
+            stand_in = self._tokenize(STAND_IN_TEXT) if ask.document_context == "stand_in" else None
+            context = document_context(ask.document_context, prompt[:spans[0][0]], stand_in)
+        except BlendRequestError as e:
+            log.warning("kvmw: request %s: %s; no blending", request.request_id, e)
+            return False
+        ks = self._keyspace(getattr(request, "cache_salt", None))
+        ctx = None if context is None else context.tolist()
+        keys = [ks.chunk_key(prompt[s:e], ctx) for s, e in spans]
+        self.blends.add(request.request_id, prompt, ask, keys, ctx or [], spans)
+        return True
+
+    def _tokenize(self, text: str) -> list[int]:
+        """Text -> ids (no special tokens) with the model's tokenizer, loaded when first needed
+        (the engine may run with skip_tokenizer_init)."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            mc = self._model_config
+            self._tokenizer = AutoTokenizer.from_pretrained(mc.tokenizer or mc.model,
+                                                            revision=getattr(mc, "tokenizer_revision", None),
+                                                            trust_remote_code=bool(mc.trust_remote_code))
+        return list(self._tokenizer(text, add_special_tokens=False).input_ids)
+
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
                                  num_external_tokens: int) -> None:
+        if request.request_id in self.blends.requests:
+            self.blends.allocated(request.request_id, blocks.get_block_ids()[0])
+            return
         self.planner.allocated(request.request_id, blocks.get_block_ids()[0], num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
@@ -388,7 +461,14 @@ class KVMWConnector(KVConnectorBase_V1):
         self._remote.new_step()
         self.planner.async_loads(plan)
         sched = scheduler_output.num_scheduled_tokens
+        blends: list[BlendSpec] = []
+        blended: list[str] = []
         for new in scheduler_output.scheduled_new_reqs:
+            if new.req_id in self.blends.requests:
+                spec = self.blends.scheduled(new.req_id, new.block_ids[0], replace=True)
+                blends += [spec] if spec is not None else []
+                blended.append(new.req_id)
+                continue
             # Every request is keyed at its lookup, with its cache salt. One never looked up
             # has no salt here (NewRequestData carries none): it gets no keys rather than
             # another tenant's.
@@ -397,9 +477,27 @@ class KVMWConnector(KVConnectorBase_V1):
         cached = scheduler_output.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):
             nb = cached.new_block_ids[i]
+            if rid in self.blends.requests:
+                spec = self.blends.scheduled(rid, nb[0] if nb else None, replace=rid in cached.resumed_req_ids)
+                blends += [spec] if spec is not None else []
+                blended.append(rid)
+                continue
             self.planner.running_request(rid, nb[0] if nb else None, rid in cached.resumed_req_ids,
                                          cached.num_computed_tokens[i], sched.get(rid, 0), plan)
-        return KVMWConnectorMetadata(plan.loads, plan.saves, idle)
+        self._evict_blended(blended)
+        return KVMWConnectorMetadata(plan.loads, plan.saves, blends, idle)
+
+    def _evict_blended(self, req_ids: list[str]) -> None:
+        """Take the blocks of blended requests out of vLLM's prefix cache (its supported
+        eviction: vLLM cached them at allocation, under exact-prefix hashes, and blended KV
+        must never be served as an exact prefix). A prefix-cache lookup walks from the first
+        block, so none past the first evicted one is ever reached either."""
+        manager = getattr(self, "_kv_cache_manager", None)
+        if manager is None or not req_ids:
+            return
+        blocks = {b for rid in req_ids for b in self.blends.blended_blocks(rid)}
+        if blocks:
+            manager.block_pool.evict_blocks(blocks)
 
     def set_xfer_handshake_metadata(self, metadata: dict[int, KVConnectorHandshakeMetadata]) -> None:
         for holdings in metadata.values():
@@ -415,11 +513,18 @@ class KVMWConnector(KVConnectorBase_V1):
             self._index.discard(meta.evicted)
         for rid, chunk in meta.failed.items():
             self.planner.load_failed(rid, chunk)
+        for rid, outcome in meta.blends.items():
+            if rid in self.blends.requests:
+                self.blends.requests[rid].outcome = outcome
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        """The response's kv_transfer_params tell a blended request what kvmw did: documents
+        reused, tokens reused; the worker's own figures (recomputed tokens, documents per
+        tier) once its report arrived (not before a request's first output: see the stats)."""
         self.planner.finished(request.request_id)
         self._remote.forget(request.request_id)
-        return False, None
+        blend = self.blends.finished(request.request_id)
+        return False, None if blend is None else {"kvmw": blend}
 
     # ==== worker side ============================================================================
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -438,8 +543,54 @@ class KVMWConnector(KVConnectorBase_V1):
         self._layout = layout_for(backend, self.block_size, fp.num_kv_heads, fp.head_dim)
         if isinstance(self._layout, CPUPagedLayout):
             self._layout = _checked_cpu_layout(self._layout, sample.dtype)
+        # vLLM hands connectors no model: the runner calling us has it (blending needs it)
+        self._model_runner = find_model_runner()
         log.info("kvmw: %d layers, page layout %s, cache %s %s", len(kv_caches), self._layout.name,
                  tuple(sample.shape), sample.dtype)
+
+    def register_model(self, model: Any) -> None:
+        """vLLM's hook handing connectors the model (where vLLM has it): blending runs on it."""
+        self._model = model
+
+    def _get_model(self) -> Any:
+        if self._model is None and self._model_runner is not None:
+            self._model = self._model_runner.get_model()
+        return self._model
+
+    def _blend_worker(self) -> BlendWorker:
+        if self._blender is None:
+            layers = [(self._kv_caches[name], i) for name, i in self._layer_index.items()]
+            self._blender = BlendWorker(self.store, self.codec, self.fingerprint, self._layout, layers,
+                                        self.block_size, self._get_model)
+        return self._blender
+
+    def _run_blends(self, specs: list[BlendSpec]) -> None:
+        """Before the forward: fill each blended request's pages (blend_worker.py)."""
+        worker = self._blend_worker()
+        for spec in specs:
+            try:
+                out = worker.run(spec)
+            except Exception:  # never fail the step: vLLM recomputes what the blend would have written
+                log.exception("kvmw: blending request %s failed; vLLM computes it whole", spec.req_id)
+                out = None
+            bad = (spec.block_ids[spec.held // self.block_size: -(-spec.end // self.block_size)]
+                   if out is None else out.failed_blocks)
+            if bad:
+                self.stats.blend_failures += 1
+                self.stats.blocks_recomputed += len(bad)
+                self._invalid_blocks.update(bad)
+            if out is None:
+                continue
+            self.stats.blends += 1
+            self.stats.blend_documents_loaded += sum(out.documents_loaded.values())
+            self.stats.blend_tokens_recomputed += len(out.recomputed)
+            self.stats.documents_computed += out.documents_computed
+            self.stats.blend_seconds += out.seconds
+            self._blend_outcomes[spec.req_id] = out.as_params()
+            self.last_blend = {"req_id": spec.req_id, "recomputed": out.recomputed, "held": spec.held,
+                               "end": spec.end, "block_ids": spec.block_ids, **out.as_params()}
+        self._stored_keys.extend(worker.stored)
+        worker.stored = []
 
     def get_handshake_metadata(self) -> KVMWHoldings:
         """What the local tiers hold at start (at most what the scheduler's index keeps)."""
@@ -459,6 +610,8 @@ class KVMWConnector(KVConnectorBase_V1):
             return
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVMWConnectorMetadata)
+        if meta.blends:
+            self._run_blends(meta.blends)
         sync = [spec for spec in meta.loads if not spec.asynchronous]
         for spec in meta.loads:
             if spec.asynchronous:
@@ -679,10 +832,10 @@ class KVMWConnector(KVConnectorBase_V1):
             lost, self._evicted = self._evicted, []
         if lost:  # an entry evicted from one local tier may still be in another
             lost = [k for k, held in zip(lost, self.store.contains(lost, remote=False)) if not held]
-        if not self._stored_keys and not self._failed_reqs and not lost:
+        if not self._stored_keys and not self._failed_reqs and not lost and not self._blend_outcomes:
             return None
-        meta = KVMWWorkerMetadata(self._stored_keys, self._failed_reqs, lost)
-        self._stored_keys, self._failed_reqs = [], {}
+        meta = KVMWWorkerMetadata(self._stored_keys, self._failed_reqs, lost, self._blend_outcomes)
+        self._stored_keys, self._failed_reqs, self._blend_outcomes = [], {}, {}
         return meta
 
     def shutdown(self) -> None:

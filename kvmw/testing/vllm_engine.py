@@ -76,11 +76,13 @@ class EngineProcess:
         return self._reply(timeout)
 
     def generate(self, prompts: list[list[int]], max_tokens: int = 8, salts: list[str | None] | None = None,
-                 logprobs: int | None = None) -> list[dict[str, Any]]:
-        """Greedy outputs: per prompt ``{"tokens", "cached", "logprobs"?}``; the batch's wall
-        time is in the reply's ``seconds`` (see `timed_generate`)."""
+                 logprobs: int | None = None, params: list[dict[str, Any] | None] | None = None
+                 ) -> list[dict[str, Any]]:
+        """Greedy outputs: per prompt ``{"tokens", "cached", "logprobs"?, "kv_transfer_params"}``
+        (`params`: each prompt's kv_transfer_params); the batch's wall time is in the reply's
+        ``seconds`` (see `timed_generate`)."""
         return self.call("generate", prompts=prompts, max_tokens=max_tokens, salts=salts,
-                         logprobs=logprobs)["outputs"]
+                         logprobs=logprobs, params=params)["outputs"]
 
     def timed_generate(self, prompts: list[list[int]], max_tokens: int = 1) -> tuple[list[dict[str, Any]], float]:
         r = self.call("generate", prompts=prompts, max_tokens=max_tokens)
@@ -130,10 +132,15 @@ class _Child:
         return self._connectors()["worker"].store
 
     def generate(self, prompts: list[list[int]], max_tokens: int, salts: list[str | None] | None = None,
-                 logprobs: int | None = None) -> dict[str, Any]:
+                 logprobs: int | None = None, params: list[dict[str, Any] | None] | None = None) -> dict[str, Any]:
         from vllm import SamplingParams
 
-        sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=logprobs, ignore_eos=True)
+        def sampling(i: int) -> SamplingParams:
+            extra = {"kv_transfer_params": params[i]} if params and params[i] else None
+            return SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=logprobs, ignore_eos=True,
+                                  extra_args=extra)
+
+        sp = [sampling(i) for i in range(len(prompts))]
         inputs = []
         for i, ids in enumerate(prompts):
             p: dict[str, Any] = {"prompt_token_ids": ids}
@@ -149,7 +156,8 @@ class _Child:
         result = []
         for o in outs:
             c = o.outputs[0]
-            item: dict[str, Any] = {"tokens": list(c.token_ids), "cached": o.num_cached_tokens}
+            item: dict[str, Any] = {"tokens": list(c.token_ids), "cached": o.num_cached_tokens,
+                                    "kv_transfer_params": o.kv_transfer_params}
             if logprobs:
                 item["logprobs"] = [{str(k): v.logprob for k, v in step.items()} for step in c.logprobs]
             result.append(item)
@@ -232,6 +240,25 @@ class _Child:
                 t.get_many = get_many
                 return {"armed": True}
         return {"armed": False}
+
+    def last_blend(self) -> dict[str, Any]:
+        """The worker's last RAG blend: recomputed positions, held / end, block ids."""
+        return {"blend": self._connectors()["worker"].last_blend}
+
+    def pages(self, block_ids: list[int], start: int, end: int, path: str) -> dict[str, Any]:
+        """Write the KV of a request's tokens [start, end) as the pages hold it now to `path`
+        (.npy, [L, 2, T, H, D] float32)."""
+        import numpy as np
+        import torch
+
+        from kvmw.integrations.vllm.paged_layout import slots_for_tokens
+
+        worker = self._connectors()["worker"]
+        slots = slots_for_tokens(block_ids, 0, start, end, worker.block_size)
+        layers = sorted(worker._layer_index.items(), key=lambda kv: kv[1])
+        kv = torch.stack([worker._layout.gather(worker._kv_caches[name], slots) for name, _ in layers])
+        np.save(path, kv.float().numpy(), allow_pickle=False)
+        return {"shape": list(kv.shape)}
 
     def reset_prefix_cache(self) -> dict[str, Any]:
         """Empty vLLM's own prefix cache (kvmw's tiers keep theirs)."""
