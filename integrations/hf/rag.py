@@ -36,6 +36,7 @@ class RAGResult:
     strategy: str = ""
     recompute_ratio: float = 0.0
     recomputed_tokens: int = 0  # tokens that ran in the last layers (question included)
+    recomputed: list[int] = field(default_factory=list)  # their positions
     token_layers: int = 0  # (token, layer) pairs computed: the prefill work, full prefill's = N * layers
     full_layers: int = 0  # leading layers that ran for every token
     documents_loaded: dict[str, int] = field(default_factory=dict)  # tier -> documents
@@ -177,6 +178,7 @@ class RAGBlender:
         work = blend(self.adapter, ids, BlendPlan(cached=cached, spans=spans), keys, values, strategy)
         result.timings["recompute"] = time.perf_counter() - t0
         result.recomputed_tokens = int(work.index.numel())
+        result.recomputed = work.index.cpu().tolist()
         result.token_layers = work.token_layers
         result.full_layers = work.full_layers
         return keys, values

@@ -176,10 +176,10 @@ class _Child:
     def keys(self, prompt: list[int], salt: str | None = None) -> list[str]:
         return self._connectors()["scheduler"]._keyspace(salt).prefix_keys(prompt)
 
-    def corrupt(self, prompt: list[int], chunk: int) -> dict[str, Any]:
-        """Flip one payload byte of chunk `chunk` of `prompt` in every tier (tiers'
-        own put, bypassing the store's checks)."""
-        key = self.keys(prompt)[chunk]
+    def corrupt(self, prompt: list[int] | None = None, chunk: int = 0, key: str | None = None) -> dict[str, Any]:
+        """Flip one payload byte of chunk `chunk` of `prompt` (or of the blob `key`) in every
+        tier (tiers' own put, bypassing the store's checks)."""
+        key = key or self.keys(prompt)[chunk]
         store = self._store()
         store.flush(30)
         done = []
@@ -193,6 +193,31 @@ class _Child:
             tier.put(key, bad)
             done.append(tier.name)
         return {"tiers": done}
+
+    def scramble(self, keys: list[str], seed: int = 0) -> dict[str, Any]:
+        """Replace the KV stored under `keys` by random values of the same shape, positions
+        and kind: valid blobs holding the wrong KV (what recomputation must overwrite)."""
+        import torch
+
+        from kvmw.quantizers import decode_blob
+
+        worker = self._connectors()["worker"]
+        store, digest = self._store(), worker.fingerprint.digest
+        store.flush(30)
+        g = torch.Generator().manual_seed(seed)
+        done = 0
+        for key in keys:
+            blob, _ = store.fetch(key, digest)
+            if blob is None:
+                continue
+            kv, meta = decode_blob(blob, digest)
+            noise = (torch.randn(kv.shape, generator=g) * kv.float().std()).to(kv.dtype)
+            store.delete(key)
+            store.put(key, worker.codec.encode(noise, digest, positions=torch.as_tensor(meta.positions),
+                                               extra={"kind": "document"}))
+            done += 1
+        store.flush(30)
+        return {"scrambled": done}
 
     def clear(self, tier: str) -> dict[str, Any]:
         store = self._store()
