@@ -167,15 +167,18 @@ class TieredStore:
         """Like `get`, plus the name of the tier that answered."""
         return self.fetch_many([key], expected_fingerprint)[0]
 
-    def fetch_many(self, keys: Sequence[str],
-                   expected_fingerprint: str | None = None) -> list[tuple[BytesLike | None, str | None]]:
+    def fetch_many(self, keys: Sequence[str], expected_fingerprint: str | None = None,
+                   remote: bool = True) -> list[tuple[BytesLike | None, str | None]]:
         """(blob, tier name) or (None, None) per key: each tier is asked once, for the
-        keys the tiers above it did not answer (one round trip for a remote tier)."""
+        keys the tiers above it did not answer (one round trip for a remote tier; none
+        with ``remote=False``)."""
         out: list[tuple[BytesLike | None, str | None]] = [(None, None)] * len(keys)
         todo = list(range(len(keys)))
         for i, tier in enumerate(self.tiers):
             if not todo:
                 break
+            if tier.remote and not remote:
+                continue
             ok, blobs = self.guarded(tier, "get_many", [keys[j] for j in todo])
             if not ok:
                 continue

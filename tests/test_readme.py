@@ -79,6 +79,10 @@ def test_the_offline_vllm_script_run_twice_answers_the_second_time_from_the_disk
     assert all(found), runs
     (cold, cold_text), (warm, warm_text) = [(int(m.group(1)), m.group(2)) for m in found]
     assert cold == 0 and warm == 512 and warm_text == cold_text, (cold, warm)  # 606 tokens: 2 full chunks
+    # its RAG request: the documents computed and stored by the first run, reused by the second
+    reused = [re.search(r"^documents reused: (\d+): (.*)$", out, flags=re.M) for out in runs]
+    assert all(reused), runs
+    assert [int(m.group(1)) for m in reused] == [0, 2]
     assert any((tmp_path / "store").rglob("*.kvmw")), "the first run left nothing on disk"
 
 

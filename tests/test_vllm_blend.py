@@ -35,18 +35,26 @@ def test_blend_request_parses_texts_and_ids_and_refuses_bad_asks():
     ask = BlendRequest.from_params({"kvmw": {"documents": ["ab", [5, 6]], "strategy": "epic",
                                              "recompute_ratio": 0.3}}, tok)
     assert ask == BlendRequest([[97, 98], [5, 6]], "epic", 0.3, "stand_in")
+    ask = BlendRequest.from_params({"kvmw": {"documents": [[1]], "stand_in": "xy"}}, tok)
+    assert ask.stand_in == [120, 121]
     assert BlendRequest.from_params({"other": 1}, tok) is None
     assert BlendRequest.from_params(None, tok) is None
     for bad in ({"documents": []}, {"documents": [[]]}, {"documents": [[1.5]]},
                 {"documents": [[1]], "strategy": "nope"}, {"documents": [[1]], "recompute_ratio": 2},
-                {"documents": [[1]], "document_context": "x"}):
+                {"documents": [[1]], "document_context": "x"}, {"documents": [[1]], "stand_in": []}):
         with pytest.raises(BlendRequestError):
             BlendRequest.from_params({"kvmw": bad}, tok)
 
 
 def test_blend_planner_reports_the_leading_stored_documents_and_their_blocks():
     stored = {"k0", "k1"}
-    lookup = lambda rid, keys: (next((i for i, k in enumerate(keys) if k not in stored), len(keys)), 0)  # noqa: E731
+    remote: set[str] = set()
+
+    def lookup(rid, keys):  # (leading keys held anywhere, of which the worker's own tiers hold)
+        held = [k in stored or k in remote for k in keys] + [False]
+        n = held.index(False)
+        return n, next((i for i, k in enumerate(keys[:n]) if k not in stored), n)
+
     bp = BlendPlanner(block_size=4, lookup=lookup)
     prompt = list(range(30))
     ask = BlendRequest([prompt[2:9], prompt[9:15], prompt[15:20]])
@@ -61,8 +69,15 @@ def test_blend_planner_reports_the_leading_stored_documents_and_their_blocks():
     assert bp.matched_tokens("r", num_computed=8) == 7
     spec = bp.scheduled("r", list(range(20, 28)), replace=True)
     assert (spec.held, spec.end) == (8, 15) and bp.blended_blocks("r") == list(range(22, 28))
+    # the second document only on a remote tier: the first is blended, the second read for later
+    stored.discard("k1")
+    remote.add("k1")
+    assert bp.matched_tokens("r", num_computed=0) == 9
+    spec = bp.scheduled("r", list(range(8)), replace=True)
+    assert (spec.loaded, spec.end, spec.prefetch) == (1, 9, [1])
     # nothing stored: nothing reported, nothing blended (documents are computed and stored)
     stored.clear()
+    remote.clear()
     assert bp.matched_tokens("r", num_computed=0) == 0
     spec = bp.scheduled("r", list(range(8)), replace=True)
     assert spec.loaded == 0 and spec.end == 0 and bp.blended_blocks("r") == []

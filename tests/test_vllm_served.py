@@ -156,11 +156,99 @@ def test_served_concurrent_requests_give_the_answers_of_one_at_a_time(server, co
     assert all(cached >= _full_chunks(p) for p, (_, cached) in zip(contexts, got))
 
 
+# ---- RAG blending through the OpenAI API ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def rag(model_path):
+    """Three ~230-token documents and the served prompt built from them."""
+    from transformers import AutoTokenizer
+
+    from kvmw.integrations.vllm import rag_request
+    from kvmw.text_data import essay_text
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    ids = tok(essay_text(60000), add_special_tokens=False).input_ids
+    docs = [tok.decode(ids[11000 + 300 * i: 11000 + 300 * i + 230]).strip() + "\n" for i in range(3)]
+    return tok, docs, lambda **kw: rag_request(tok, docs, "\nQuestion: what is the second document about?\nAnswer:",
+                                               preamble="Read the documents below.\n", **kw)
+
+
+def _complete(srv, prompt, params=None):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=300)
+    r = client.completions.create(model=client.models.list().data[0].id, prompt=prompt, max_tokens=12,
+                                  temperature=0, extra_body={"kv_transfer_params": params} if params else None)
+    return r.choices[0].text, (r.model_extra or {}).get("kv_transfer_params")
+
+
+def test_served_rag_requests_reuse_their_documents_and_answer_as_vllm(server, rag):
+    """`/v1/completions` with kv_transfer_params: the first request computes and stores the
+    documents, a repeat (vLLM's cache reset) reuses all three; at ratio 1.0 the answer is
+    vLLM's own, and the response says what kvmw did."""
+    _, _, build = rag
+    req = build(recompute_ratio=1.0)
+    plain, _ = _complete(server, req.prompt_token_ids)
+    cold, cold_params = _complete(server, req.prompt_token_ids, req.kv_transfer_params)
+    assert cold == plain
+    assert cold_params["kvmw"]["documents_reused"] == 0 and cold_params["kvmw"]["documents_computed"] == 3
+    assert server.reset_prefix_cache()
+    warm, params = _complete(server, req.prompt_token_ids, req.kv_transfer_params)
+    assert warm == plain
+    assert params["kvmw"]["documents_reused"] == 3 and params["kvmw"]["reused_tokens"] == req.spans[-1][1]
+    assert sum(params["kvmw"]["documents_loaded"].values()) == 3
+    assert params["kvmw"]["recomputed_tokens"] == req.spans[-1][1]
+    assert _settled(server, "kvmw:blend_documents_loaded_total", 3) >= 3
+    # the same documents reordered under another question: reused at their new offsets
+    qa = build(recompute_ratio=0.15)
+    assert server.reset_prefix_cache()
+    _, params = _complete(server, qa.prompt_token_ids, qa.kv_transfer_params)
+    assert params["kvmw"]["documents_reused"] == 3 and params["kvmw"]["strategy"] == "query_aware"
+
+
+def test_the_readmes_served_rag_script_reuses_its_documents_at_new_offsets(server, tmp_path):
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from tests.test_readme import SCRIPTS
+
+    script = tmp_path / "served_rag.py"
+    script.write_text(SCRIPTS["served_rag.py"])
+    proc = subprocess.run([sys.executable, str(script)], env={**os.environ, "VLLM_URL": server.url + "/v1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [int(n) for n in re.findall(r"^documents reused: (\d+):", proc.stdout, flags=re.M)] == [0, 2]
+
+
+def test_served_chat_requests_name_their_documents_as_text(server, rag):
+    """`/v1/chat/completions`: the chat template wraps the documents; the request names them
+    as texts and the connector finds their tokens in the templated prompt."""
+    from openai import OpenAI
+
+    _, docs, _ = rag
+    client = OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=300)
+    model = client.models.list().data[0].id
+    content = "Read the documents below.\n" + "".join(docs) + "\nWhat is the second document about?"
+    params = {"kvmw": {"documents": docs, "recompute_ratio": 0.15}}
+    answers = []
+    for _ in range(2):
+        assert server.reset_prefix_cache()
+        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
+                                           max_tokens=12, temperature=0, extra_body={"kv_transfer_params": params})
+        answers.append((r.choices[0].message.content, (r.model_extra or {}).get("kv_transfer_params")))
+    (_, first), (_, second) = answers
+    assert first["kvmw"]["documents"] == 3
+    assert second["kvmw"]["documents_reused"] == 3
+
+
 @pytest.mark.parametrize("tier", ["disk", "redis"])
 def test_a_restarted_server_answers_from_one_lower_tier(server, model_path, kvmw_settings, tmp_path_factory,
-                                                        contexts, cold_answers, tier):
+                                                        contexts, cold_answers, tier, rag):
     """A new server whose only tiers are its (empty) CPU tier and `tier`: every full
-    chunk of every context comes from `tier`, answers unchanged."""
+    chunk of every context comes from `tier`, answers unchanged. RAG documents stored by
+    the first server: reused from the disk at once; from Redis (a remote tier, never read
+    on a step) read into memory in the background and reused by the next prompt."""
     server.stop()  # its worker flushes the lower-tier writes on the way out
     settings = {**kvmw_settings, "tiers": ["cpu", tier]}
     with _server(model_path, settings, tmp_path_factory, f"restart-{tier}") as again:
@@ -172,6 +260,20 @@ def test_a_restarted_server_answers_from_one_lower_tier(server, model_path, kvmw
         m = again.metrics()
         assert m["kvmw:tokens_loaded_total"] == sum(map(_full_chunks, contexts))
         assert m["kvmw:chunks_stored_total"] == 0  # nothing recomputed, nothing stored again
+        req = rag[2](recompute_ratio=0.15)
+        _, first = _complete(again, req.prompt_token_ids, req.kv_transfer_params)
+        assert first["kvmw"].get("documents_computed", 0) == 0  # found, not computed again
+        if tier == "disk":
+            assert first["kvmw"]["documents_reused"] == 3
+            return
+        assert first["kvmw"]["documents_reused"] == 0
+        deadline = time.monotonic() + 30
+        while True:  # the documents arrive in memory off the step
+            assert again.reset_prefix_cache()
+            _, later = _complete(again, req.prompt_token_ids, req.kv_transfer_params)
+            if later["kvmw"]["documents_reused"] == 3 or time.monotonic() > deadline:
+                break
+        assert later["kvmw"]["documents_reused"] == 3 and later["kvmw"]["documents_loaded"] == {"cpu": 3}
 
 
 @pytest.mark.parametrize("shared", ["server", "redis"])
@@ -227,3 +329,4 @@ def test_two_servers_on_one_store_hit_what_the_other_stored(server, model_path, 
         first.stop()
         second.stop()
         store.kill() if shared == "redis" else store.stop()
+

@@ -12,8 +12,10 @@ chunk key of its tokens after its context (preamble + stand-in document by
 default), so documents stored by either engine are hits for the other.
 
 The scheduler looks the documents' keys up in order and reports the tokens up
-to the end of the last document of the leading stored run as computed by the
-connector (after vLLM's own prefix-cache hit, which holds exact KV). The worker
+to the end of the last document of the leading run the worker's own tiers hold
+as computed by the connector (after vLLM's own prefix-cache hit, which holds
+exact KV). Documents found only on a remote tier are read into the worker's
+memory off the step, for the next prompt: a step never waits on the network. The worker
 fills them in the step the request is first scheduled (`BlendSpec`): the
 documents' KV re-rotated to their offsets, then the strategy's recomputation
 with vLLM's model. vLLM then computes the rest (the question) in its forward.
@@ -49,6 +51,8 @@ class BlendRequest:
     strategy: str = "query_aware"
     recompute_ratio: float = 0.15
     document_context: str = "stand_in"
+    #: the stand-in document's ids (None: kvmw.blending.stand_in's text)
+    stand_in: list[int] | None = None
 
     @classmethod
     def from_params(cls, params: dict[str, Any] | None, tokenize: Callable[[str], list[int]]
@@ -63,14 +67,9 @@ class BlendRequest:
         docs = ask["documents"]
         if not isinstance(docs, list) or not docs:
             raise BlendRequestError("kvmw.documents must be a non-empty list of texts or token-id lists")
-        ids: list[list[int]] = []
-        for d in docs:
-            if isinstance(d, str):
-                ids.append(list(tokenize(d)))
-            elif isinstance(d, list) and d and all(isinstance(t, int) and not isinstance(t, bool) for t in d):
-                ids.append(list(d))
-            else:
-                raise BlendRequestError("each kvmw document is a text or a non-empty list of token ids")
+        ids = [_token_ids(d, tokenize, "each kvmw document") for d in docs]
+        stand_in = ask.get("stand_in")
+        stand_in = None if stand_in is None else _token_ids(stand_in, tokenize, "kvmw.stand_in")
         strategy = ask.get("strategy", cls.strategy)
         if strategy not in STRATEGIES:
             raise BlendRequestError(f"unknown kvmw strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
@@ -80,7 +79,15 @@ class BlendRequest:
         context = ask.get("document_context", cls.document_context)
         if context not in DOCUMENT_CONTEXTS:
             raise BlendRequestError(f"kvmw.document_context must be one of {DOCUMENT_CONTEXTS}; got {context!r}")
-        return cls(ids, strategy, float(ratio), context)
+        return cls(ids, strategy, float(ratio), context, stand_in)
+
+
+def _token_ids(part: Any, tokenize: Callable[[str], list[int]], what: str) -> list[int]:
+    if isinstance(part, str):
+        return list(tokenize(part))
+    if isinstance(part, list) and part and all(isinstance(t, int) and not isinstance(t, bool) for t in part):
+        return list(part)
+    raise BlendRequestError(f"{what} is a text or a non-empty list of token ids")
 
 
 def find_spans(prompt: Sequence[int], documents: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
@@ -123,6 +130,9 @@ class BlendSpec:
     block_ids: list[int]
     strategy: str
     recompute_ratio: float
+    #: documents only a remote tier holds: read into the worker's memory off the step (a
+    #: hit for the next prompt), neither loaded nor computed now
+    prefetch: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -134,6 +144,7 @@ class _Blend:
     context: list[int]
     num_tokens: int
     loaded: int = 0
+    prefetch: list[int] = field(default_factory=list)
     held: int = 0
     end: int = 0
     block_ids: list[int] = field(default_factory=list)
@@ -163,7 +174,8 @@ class BlendPlanner:
         hits = self.lookup(req_id, b.keys)
         if hits is None:
             return None
-        n = hits[0]
+        found, n = hits  # a document only on a remote tier is read off the step, for the next prompt
+        b.prefetch = list(range(n, found))
         end = min(b.spans[n - 1][1], b.num_tokens - 1) if n else 0
         b.held, b.block_ids, b.pending = num_computed, [], True
         b.loaded = n if end > num_computed else 0
@@ -191,7 +203,7 @@ class BlendPlanner:
         b.pending = False
         r = b.request
         return BlendSpec(req_id, b.prompt, b.spans, b.keys, b.context, b.loaded, b.held, b.end, list(b.block_ids),
-                         r.strategy, r.recompute_ratio)
+                         r.strategy, r.recompute_ratio, b.prefetch)
 
     def blended_blocks(self, req_id: str) -> list[int]:
         """The request's blocks whose KV is not an exact prefix (from the first one the
@@ -207,4 +219,5 @@ class BlendPlanner:
         if b is None:
             return None
         return {"documents": len(b.keys), "documents_reused": b.loaded, "reused_tokens": b.end - b.held,
+                "vllm_cached_tokens": b.held,
                 "strategy": b.request.strategy, "recompute_ratio": b.request.recompute_ratio, **b.outcome}

@@ -12,13 +12,17 @@ the request (vLLM then computes the question over the pages written here):
 3. `blend` runs the strategy with vLLM's own layers (`VLLMLayerRunner`);
 4. the tokens ``[held, end)`` of every layer are written into the pages;
 5. documents the worker's tiers do not hold are computed after their context
-   (kept for the next document) and stored, as the HF hook stores them.
+   (kept for the next document) and stored, as the HF hook stores them; those a
+   remote tier holds are read into memory on kvmw's thread instead, for the next
+   prompt (the step never waits on the network).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,8 +69,12 @@ class BlendWorker:
         self._model = model
         self._runner: VLLMLayerRunner | None = None
         self._context: tuple[tuple[int, ...], list[torch.Tensor], list[torch.Tensor]] | None = None
-        #: keys this worker stored (the connector reports them to the scheduler)
-        self.stored: list[str] = []
+        #: keys this worker's tiers took since the last `take_stored` (computed documents, and
+        #: prefetched ones: the scheduler learns from these what the worker holds)
+        self._stored: list[str] = []
+        self._stored_lock = threading.Lock()
+        self._prefetcher: ThreadPoolExecutor | None = None
+        self._prefetching: set[str] = set()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -92,6 +100,7 @@ class BlendWorker:
             out.failed_blocks = spec.block_ids[spec.held // bs: -(-spec.end // bs)] if spec.end > spec.held else []
             log.warning("kvmw: vLLM's model was not found; request %s is computed whole", spec.req_id)
             return out
+        self._prefetch(spec)
         kvs, end = self._load(spec, out)
         if end < spec.end:
             out.failed_blocks = spec.block_ids[end // bs: -(-spec.end // bs)]
@@ -110,8 +119,8 @@ class BlendWorker:
             return [], spec.end
         digest, first = self.fingerprint.digest, len(spec.context)
         kvs: list[torch.Tensor] = []
-        for key, (s, e), (blob, tier) in zip(spec.keys, spec.spans, self.store.fetch_many(spec.keys[:spec.loaded],
-                                                                                           digest)):
+        fetched = self.store.fetch_many(spec.keys[:spec.loaded], digest, remote=False)  # never the network here
+        for key, (s, e), (blob, tier) in zip(spec.keys, spec.spans, fetched):
             if blob is None:
                 break
             try:
@@ -158,8 +167,33 @@ class BlendWorker:
             self.layout.scatter(layer, slots, kv)
 
     # ---- documents seen for the first time ---------------------------------------------------------
+    def _prefetch(self, spec: BlendSpec) -> None:
+        """Read the documents only a remote tier holds into this worker's memory tier, on
+        kvmw's own thread (a fetch promotes what it finds)."""
+        keys = [spec.keys[j] for j in spec.prefetch if spec.keys[j] not in self._prefetching]
+        if not keys:
+            return
+        self._prefetching.update(keys)
+
+        def fetch() -> None:
+            try:
+                found = self.store.fetch_many(keys, self.fingerprint.digest)  # promoted into memory
+                self._took([k for k, (blob, _) in zip(keys, found) if blob is not None])
+            finally:
+                self._prefetching.difference_update(keys)
+
+        if self._prefetcher is None:
+            self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="kvmw-prefetch")
+        self._prefetcher.submit(fetch)
+
+    def close(self) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown(wait=False, cancel_futures=True)
+
     def _store_missing(self, spec: BlendSpec, runner: VLLMLayerRunner, out: BlendOutcome) -> None:
-        todo = [j for j, held in enumerate(self.store.contains(spec.keys, remote=False)) if not held]
+        remote = set(spec.prefetch)
+        todo = [j for j, held in enumerate(self.store.contains(spec.keys, remote=False))
+                if not held and j not in remote]
         for j in todo:
             s, e = spec.spans[j]
             kv = self.document_kv(runner, spec.context, spec.prompt[s:e])
@@ -167,8 +201,17 @@ class BlendWorker:
             blob = self.codec.encode(kv, self.fingerprint.digest, positions=torch.arange(first, first + e - s),
                                      extra={"kind": "document"})
             if self.store.put(spec.keys[j], blob, cost=float(e - s)):
-                self.stored.append(spec.keys[j])
+                self._took([spec.keys[j]])
                 out.documents_computed += 1
+
+    def _took(self, keys: list[str]) -> None:
+        with self._stored_lock:
+            self._stored.extend(keys)
+
+    def take_stored(self) -> list[str]:
+        with self._stored_lock:
+            out, self._stored = self._stored, []
+        return out
 
     def document_kv(self, runner: VLLMLayerRunner, context: list[int], doc: list[int]) -> torch.Tensor:
         """A document's canonical KV [L, 2, n, H, D], computed after `context` (whose KV is

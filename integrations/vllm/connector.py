@@ -423,7 +423,9 @@ class KVMWConnector(KVConnectorBase_V1):
             if ask is None:
                 return False
             spans = find_spans(prompt, ask.documents)
-            stand_in = self._tokenize(STAND_IN_TEXT) if ask.document_context == "stand_in" else None
+            stand_in = None
+            if ask.document_context == "stand_in":
+                stand_in = ask.stand_in if ask.stand_in is not None else self._tokenize(STAND_IN_TEXT)
             context = document_context(ask.document_context, prompt[:spans[0][0]], stand_in)
         except BlendRequestError as e:
             log.warning("kvmw: request %s: %s; no blending", request.request_id, e)
@@ -589,8 +591,6 @@ class KVMWConnector(KVConnectorBase_V1):
             self._blend_outcomes[spec.req_id] = out.as_params()
             self.last_blend = {"req_id": spec.req_id, "recomputed": out.recomputed, "held": spec.held,
                                "end": spec.end, "block_ids": spec.block_ids, **out.as_params()}
-        self._stored_keys.extend(worker.stored)
-        worker.stored = []
 
     def get_handshake_metadata(self) -> KVMWHoldings:
         """What the local tiers hold at start (at most what the scheduler's index keeps)."""
@@ -828,6 +828,8 @@ class KVMWConnector(KVConnectorBase_V1):
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         """Keys the local tiers hold now and keys they lost."""
         self._stored_keys.extend(self.saver.take_stored())
+        if self._blender is not None:
+            self._stored_keys.extend(self._blender.take_stored())
         with self._evicted_lock:
             lost, self._evicted = self._evicted, []
         if lost:  # an entry evicted from one local tier may still be in another
@@ -841,6 +843,8 @@ class KVMWConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         try:
             if self._role == KVConnectorRole.WORKER:
+                if self._blender is not None:
+                    self._blender.close()
                 self.loader.drain(10)
                 self.loader.close()
                 self.saver.close(10)

@@ -60,10 +60,10 @@ def _ids(tokenizer: Any, part: Any, special: bool = False) -> list[int]:
 
 def rag_request(tokenizer: Any, documents: Sequence[Any], question: Any, preamble: Any = None,
                 strategy: str = "query_aware", recompute_ratio: float = 0.15,
-                document_context: str = "stand_in") -> RAGRequest:
+                document_context: str = "stand_in", stand_in: Any = None) -> RAGRequest:
     """`preamble + documents + question` as token ids, and the kvmw blend request. Parts are
     texts (tokenized with `tokenizer`) or token-id lists; see `KVMW.generate_rag` for the
-    strategies and `document_context`."""
+    strategies, `document_context` and `stand_in` (text or ids; None: kvmw's)."""
     ids: list[int] = [] if preamble is None else _ids(tokenizer, preamble, special=True)
     docs, spans = [], []
     for doc in documents:
@@ -74,4 +74,6 @@ def rag_request(tokenizer: Any, documents: Sequence[Any], question: Any, preambl
     ids += _ids(tokenizer, question)
     params = {PARAMS_KEY: {"documents": docs, "strategy": strategy, "recompute_ratio": recompute_ratio,
                            "document_context": document_context}}
+    if stand_in is not None:
+        params[PARAMS_KEY]["stand_in"] = _ids(tokenizer, stand_in)
     return RAGRequest(ids, params, spans)

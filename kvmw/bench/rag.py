@@ -1,4 +1,5 @@
-"""`kvmw bench rag`: RAG answers from separately cached documents, per blending strategy.
+"""`kvmw bench rag`: RAG answers from separately cached documents, per blending strategy
+(``--engine vllm``: the same tasks beneath vLLM, `kvmw.bench.rag_vllm`).
 
 Tasks (fixed seed): `--questions` questions over sets of `--docs` essay excerpts
 of `--doc-tokens` tokens, each holding one fact ("The access code for the
@@ -79,6 +80,10 @@ def _teacher_forced(model: Any, result: Any, continuation: torch.Tensor) -> torc
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.engine == "vllm":
+        from kvmw.bench.rag_vllm import run as run_vllm
+
+        return run_vllm(args)
     from kvmw.config import KVMWConfig
     from kvmw.integrations.hf import KVMW
     from kvmw.integrations.hf.models import load
@@ -196,6 +201,9 @@ def _plot(out: dict[str, Any], args: argparse.Namespace, path: str) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", choices=["smollm2", "qwen0.5b"], help="installed model (python -m kvmw.integrations.hf.models install NAME)")
+    p.add_argument("--engine", choices=("hf", "vllm"), default="hf",
+                   help="hf: KVMW.generate_rag; vllm: the same tasks beneath vLLM, beside vLLM without kvmw "
+                        "and with its own prefix caching, and the HF path's answers (kvmw/bench/rag_vllm.py)")
     p.add_argument("--docs", type=int, default=4, help="documents per question")
     p.add_argument("--doc-tokens", type=int, default=512, help="tokens per document")
     p.add_argument("--questions", type=int, default=24, help="questions (each over its own document set)")
@@ -205,7 +213,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="EPIC ratios besides those matching each CacheBlend ratio's prefill work")
     p.add_argument("--query-aware-ratios", nargs="*", type=float, default=[0.15],
                    help="query-aware (A^3-style) recompute ratios")
-    p.add_argument("--no-match", action="store_true", help="no EPIC run at CacheBlend's work")
+    p.add_argument("--no-match", action="store_true",
+                   help="no EPIC run at CacheBlend's work (with --engine vllm: at query-aware's)")
     p.add_argument("--check-layer", type=int, default=None,
                    help="CacheBlend's check layer (the last that runs for every token; default: CacheBlend's)")
     p.add_argument("--steps", type=int, default=16, help="greedy answer tokens (agreement steps)")
