@@ -386,3 +386,42 @@ def test_documents_vllm_stored_are_hits_for_the_hf_hook(engine, texts, smollm2, 
                             max_new_tokens=1, do_sample=False)
     hook.close()
     assert out.documents_prefilled == 0 and out.documents_loaded == {"disk": 3}
+
+
+def _rope(params, dtype):
+    """vLLM's rotary module as its models build it (a custom op: made under a vLLM config)."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+
+    with set_current_vllm_config(VllmConfig()):
+        return get_rope(64, 4096, rope_parameters=params, dtype=dtype)
+
+
+@needs_vllm
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("params", [{"rope_type": "default", "rope_theta": 1e5},
+                                    {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}])
+def test_vllms_rotary_table_gives_the_frequencies_the_hf_model_has(params, dtype):
+    """The re-positioning beneath vLLM reads vLLM's rotary module; its frequencies are the
+    HF model's (so a document moves the same on both engines), in bf16 tables too."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    from kvmw.integrations.vllm.blend_runner import rotary_inv_freq
+
+    rope = _rope(dict(params), dtype)
+    cfg = LlamaConfig(hidden_size=576, num_attention_heads=9, head_dim=64, max_position_embeddings=4096,
+                      rope_parameters=dict(params))
+    hf = LlamaRotaryEmbedding(cfg).inv_freq
+    torch.testing.assert_close(rotary_inv_freq(rope), hf.float(), rtol=1e-6, atol=0)
+
+
+@needs_vllm
+def test_a_rotary_table_that_is_not_a_rotation_by_position_is_refused():
+    from kvmw.blending.rope import UnsupportedRotaryError
+    from kvmw.integrations.vllm.blend_runner import rotary_inv_freq
+
+    rope = _rope({"rope_type": "default", "rope_theta": 1e4}, torch.float32)
+    rope.cos_sin_cache[5:] *= 1.01  # what a length-dependent scaling looks like from here
+    with pytest.raises(UnsupportedRotaryError):
+        rotary_inv_freq(rope)

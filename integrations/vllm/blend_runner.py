@@ -69,7 +69,8 @@ def rotary_inv_freq(rotary: Any) -> torch.Tensor:
     angles = torch.arange(table.shape[0], dtype=torch.float64)[:, None] * inv_freq.double()
     scale = table[0, 0]  # cos(0) times the table's constant factor (YaRN's attention factor)
     want = torch.cat([angles.cos(), angles.sin()], dim=1) * float(scale)
-    if table.shape[1] != 2 * half or not torch.allclose(table.double(), want, atol=1e-4, rtol=1e-4):
+    tol = max(1e-4, 4 * torch.finfo(cache.dtype).eps)  # the table may be kept in bf16
+    if table.shape[1] != 2 * half or not torch.allclose(table.double(), want, atol=tol, rtol=tol):
         raise UnsupportedRotaryError(f"{type(rotary).__name__}: its cos/sin table is not a rotation by position")
     return inv_freq
 
