@@ -14,5 +14,6 @@ from kvmw.blending.query_aware import QueryAware
 from kvmw.blending.rope import Repositioner, UnsupportedRotaryError
 from kvmw.blending.strategy import STRATEGIES, BlendStrategy, Deviation, FullReuse, make_strategy
 
-__all__ = ["BlendStrategy", "BlendWork", "LayerRunner", "ScatterKV", "blend", "CacheBlend", "Deviation", "EPIC", "FullReuse", "QueryAware", "Repositioner",
+__all__ = ["BlendStrategy", "BlendWork", "LayerRunner", "ScatterKV", "blend",
+           "CacheBlend", "Deviation", "EPIC", "FullReuse", "QueryAware", "Repositioner",
            "STRATEGIES", "UnsupportedRotaryError", "make_strategy"]

@@ -178,3 +178,23 @@ def test_bench_rag_writes_the_issue_keys_per_strategy_and_ratio(tmp_path):
                  "--steps", "2", "--json", str(out))
     assert none.returncode == 0, none.stdout + none.stderr
     assert set(json.loads(out.read_text())["rag"]) == {"full_prefill", "full_reuse"}
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_bench_rag_beneath_vllm_writes_the_issue_keys(tmp_path):
+    """`kvmw bench rag --engine vllm` on SmolLM2: the issue's keys per strategy and ratio
+    (query-aware at 1.0 recomputes every document token: full prefill's answers, the HF
+    path's too), and the agreement with the HF path over every strategy."""
+    pytest.importorskip("vllm")
+    out = tmp_path / "rag_vllm.json"
+    res = _kvmw("bench", "rag", "--engine", "vllm", "--questions", "2", "--docs", "3", "--doc-tokens", "96",
+                "--query-aware-ratios", "0.15", "1.0", "--steps", "4", "--json", str(out))
+    assert res.returncode == 0, res.stdout + res.stderr
+    rag = json.loads(out.read_text())["rag_vllm"]
+    assert {"full_prefill", "native_prefix", "full_reuse", "query_aware", "cacheblend", "epic"} <= set(rag)
+    assert set(rag["query_aware"]) == {"0.15", "1"} and 0 <= rag["hf_agreement"] <= 1
+    full, everything = rag["full_prefill"]["1"], rag["query_aware"]["1"]
+    assert full["ttft_ratio"] == 1 and everything["accuracy"] == full["accuracy"]
+    assert everything["hf_agreement"] == 1 and full["hf_agreement"] == 1
+    assert rag["full_reuse"]["0"]["recomputed"] < rag["query_aware"]["0.15"]["recomputed"] < everything["recomputed"]

@@ -64,11 +64,19 @@ def test_blend_planner_reports_the_leading_stored_documents_and_their_blocks():
     spec = bp.scheduled("r", list(range(10, 18)), replace=True)
     assert (spec.loaded, spec.held, spec.end, spec.context) == (2, 0, 15, [100, 101])
     assert bp.scheduled("r", [18], replace=False) is None  # once per admission
-    assert bp.blended_blocks("r") == list(range(10, 19))
+    assert bp.blended_blocks("r") == list(range(10, 19))  # the first document starts in block 0
+    bp.add("p", prompt, ask, ["k0", "k1", "k2"], [], [(9, 16), (16, 22), (22, 27)])
+    assert bp.matched_tokens("p", num_computed=0) == 22
+    bp.scheduled("p", list(range(40, 47)), replace=True)
+    assert bp.blended_blocks("p") == list(range(42, 47))  # blocks 0-1 hold the preamble alone
     # vLLM's own cache holds the first 8 tokens: the blend starts there
     assert bp.matched_tokens("r", num_computed=8) == 7
     spec = bp.scheduled("r", list(range(20, 28)), replace=True)
     assert (spec.held, spec.end) == (8, 15) and bp.blended_blocks("r") == list(range(22, 28))
+    # a blend that did not load what it promised: the request is not blended again
+    bp.load_failed("r")
+    assert bp.matched_tokens("r", num_computed=0) == 0
+    bp.requests["r"].failed = False
     # the second document only on a remote tier: the first is blended, the second read for later
     stored.discard("k1")
     remote.add("k1")
@@ -136,9 +144,11 @@ def texts(model_path):
     def docs(at):
         return [tok.decode(ids[at + 260 * i: at + 260 * i + 230]) + "\n" for i in range(3)]
 
-    return {"tok": tok, "A": docs(0), "B": docs(2000), "C": docs(4000), "preamble": "Read the documents below.\n",
+    return {"tok": tok, "A": docs(0), "B": docs(2000), "C": docs(4000), "D": docs(6000),
+            "preamble": "Read the documents below.\n",
             "q1": "\nQuestion: what is the first document about?\nAnswer:",
-            "q2": "\nQuestion: which document talks about work?\nAnswer:"}
+            "q2": "\nQuestion: which document talks about work?\nAnswer:",
+            "long_preamble": "You answer questions about essays. " * 12 + "Read the documents below.\n"}
 
 
 def _req(texts, docs, question, **kw):
@@ -176,6 +186,8 @@ def reference(model_path, texts):
     prompts = {(name, q): _req(texts, texts[name], texts[q]).prompt_token_ids
                for name in ("A", "B", "C") for q in ("q1", "q2")}
     prompts[("A-rev", "q2")] = _req(texts, texts["A"][::-1], texts["q2"]).prompt_token_ids
+    for name, docs, q in (("long", texts["A"], "q1"), ("long-rev", texts["A"][::-1], "q2")):
+        prompts[(name, q)] = _long(texts, docs, q).prompt_token_ids
     with EngineProcess(model_path) as eng:
         outs = eng.generate(list(prompts.values()), max_tokens=GEN, logprobs=TOP)
     return {tuple(p): o for p, o in zip(prompts.values(), outs)}
@@ -190,6 +202,12 @@ def engine(model_path, store_dir, hf):
     cfg = kv_transfer_config(codec="none", tiers=["cpu", "disk"], disk_path=str(store_dir), cache_salt="")
     with EngineProcess(model_path, {"kv_transfer_config": cfg, "enable_prefix_caching": True}) as eng:
         yield eng
+
+
+def _long(texts, docs, question, **kw):
+    from kvmw.integrations.vllm import rag_request
+
+    return rag_request(texts["tok"], docs, texts[question], preamble=texts["long_preamble"], **kw)
 
 
 def _blend(eng, reqs, fresh=True):
@@ -325,19 +343,42 @@ def _hf_first_logprobs(model, ids, keys, values):
 
 @needs_vllm
 @pytest.mark.vllm
-def test_query_aware_recomputes_what_the_hf_path_selects(engine, texts, hf):
-    req = _req(texts, texts["A"], texts["q1"], strategy="query_aware", recompute_ratio=0.15)
+@pytest.mark.parametrize("strategy", ["query_aware", "cacheblend"])
+def test_the_tokens_vllm_recomputes_are_the_ones_the_hf_path_selects(engine, texts, hf, strategy):
+    """The selection beneath vLLM (its own layers) is the HF path's: query-aware from the
+    probe's attention, CacheBlend from the deviation at its check layer, then narrowed."""
+    req = _req(texts, texts["A"], texts["q1"], strategy=strategy, recompute_ratio=0.15)
     _blend(engine, [req])
     blend = engine.call("last_blend")["blend"]
     end = blend["end"]
     ours = set(blend["recomputed"])
-    theirs = hf.generate_rag(texts["A"], texts["q1"], preamble=texts["preamble"], strategy="query_aware",
+    theirs = hf.generate_rag(texts["A"], texts["q1"], preamble=texts["preamble"], strategy=strategy,
                              recompute_ratio=0.15, max_new_tokens=1, do_sample=False)
     theirs = {p for p in theirs.recomputed if p < end}
     n_doc = sum(e - s for s, e in req.spans)
     assert len(ours) == req.spans[0][0] + round(0.15 * n_doc)  # the preamble and the budget
     jaccard = len(ours & theirs) / len(ours | theirs)
     assert jaccard >= 0.9, jaccard
+
+
+@needs_vllm
+@pytest.mark.vllm
+def test_a_blend_after_vllms_own_prefix_hit_gives_vllms_tokens(engine, texts, reference):
+    """A preamble of several blocks is computed over itself alone, so its blocks stay in
+    vLLM's prefix cache; the next prompt with that preamble starts its blend after them
+    (the held blocks read back from the pages), at ratio 1.0 still vLLM's own tokens."""
+    first = _long(texts, texts["A"], "q1", recompute_ratio=1.0)  # its documents are new here: computed
+    _blend(engine, [first])
+    second = _long(texts, texts["A"][::-1], "q2", recompute_ratio=1.0)
+    out = _blend(engine, [second], fresh=False)[0]
+    params = out["kv_transfer_params"]["kvmw"]
+    assert params["vllm_cached_tokens"] == second.spans[0][0] // 32 * 32 > 0
+    assert params["documents_reused"] == 3 and params["reused_tokens"] == second.spans[-1][1] - params[
+        "vllm_cached_tokens"]
+    ref = reference[tuple(second.prompt_token_ids)]
+    assert out["tokens"] == ref["tokens"] and _first_logprobs_close(out, ref)
+    blend = engine.call("last_blend")["blend"]
+    assert blend["recomputed"] == list(range(params["vllm_cached_tokens"], second.spans[-1][1]))
 
 
 @needs_vllm
@@ -425,3 +466,38 @@ def test_a_rotary_table_that_is_not_a_rotation_by_position_is_refused():
     rope.cos_sin_cache[5:] *= 1.01  # what a length-dependent scaling looks like from here
     with pytest.raises(UnsupportedRotaryError):
         rotary_inv_freq(rope)
+
+
+@pytest.fixture(scope="module")
+def plain_engine(model_path, store_dir, engine):
+    """kvmw over the same store with vLLM's prefix cache off and prefills split into steps of
+    128 tokens. (vLLM's CPU platform turns async scheduling off whatever is asked: only a GPU
+    build can run that case.)"""
+    from kvmw.integrations.vllm import kv_transfer_config
+    from kvmw.testing.vllm_engine import EngineProcess
+
+    cfg = kv_transfer_config(codec="none", tiers=["cpu", "disk"], disk_path=str(store_dir), cache_salt="")
+    with EngineProcess(model_path, {"kv_transfer_config": cfg, "enable_prefix_caching": False,
+                                    "max_num_batched_tokens": 128}) as eng:
+        yield eng
+
+
+@needs_vllm
+@pytest.mark.vllm
+def test_prefix_caching_off_and_chunked_prefill_give_the_same_blends(engine, plain_engine, texts):
+    assert engine.call("settings") == {"enable_prefix_caching": True, "async_scheduling": False}  # CPU defaults
+    assert plain_engine.call("settings") == {"enable_prefix_caching": False, "async_scheduling": False}
+    reqs = [_req(texts, texts["A"][::-1], texts["q1"], recompute_ratio=0.15),
+            _req(texts, texts["A"], texts["q2"], strategy="cacheblend", recompute_ratio=0.15),
+            _req(texts, texts["A"][1:], texts["q2"], strategy="epic", recompute_ratio=0.2),
+            # a new third document: vLLM computes it and the question after the blend, in
+            # steps of 128 tokens on the second engine (chunked prefill over blended pages)
+            _req(texts, texts["A"][:2] + texts["D"][:1], texts["q1"], recompute_ratio=0.15)]
+    for req in reqs:
+        on = _blend(engine, [req])[0]
+        off = plain_engine.generate([req.prompt_token_ids], max_tokens=GEN, logprobs=TOP,
+                                    params=[req.kv_transfer_params])[0]
+        reused = min(len(req.spans), 2 if req is reqs[-1] else 3)
+        assert on["kv_transfer_params"]["kvmw"]["documents_reused"] == reused
+        assert off["kv_transfer_params"]["kvmw"]["documents_reused"] == reused
+        assert on["tokens"] == off["tokens"] and _first_logprobs_close(on, off)

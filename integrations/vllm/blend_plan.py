@@ -152,6 +152,8 @@ class _Blend:
     pending: bool = False
     #: what the worker reported (tokens recomputed, documents per tier)
     outcome: dict[str, Any] = field(default_factory=dict)
+    #: a blend of this request did not load all it was promised: it is not blended again
+    failed: bool = False
 
 
 class BlendPlanner:
@@ -175,6 +177,8 @@ class BlendPlanner:
         if hits is None:
             return None
         found, n = hits  # a document only on a remote tier is read off the step, for the next prompt
+        if b.failed:  # vLLM recomputes it: never promise the same documents twice
+            found = n = 0
         b.prefetch = list(range(n, found))
         end = min(b.spans[n - 1][1], b.num_tokens - 1) if n else 0
         b.held, b.block_ids, b.pending = num_computed, [], True
@@ -206,12 +210,19 @@ class BlendPlanner:
                          r.strategy, r.recompute_ratio, b.prefetch)
 
     def blended_blocks(self, req_id: str) -> list[int]:
-        """The request's blocks whose KV is not an exact prefix (from the first one the
-        blend wrote): vLLM's prefix cache must never serve them."""
+        """The request's blocks whose KV is not an exact prefix (from the first that holds a
+        reused document token): vLLM's prefix cache must never serve them. The blocks
+        before hold the preamble, computed over the preamble alone, as vLLM would."""
         b = self.requests.get(req_id)
         if b is None or b.end <= b.held:
             return []
-        return b.block_ids[b.held // self.block_size:]
+        return b.block_ids[max(b.held, b.spans[0][0]) // self.block_size:]
+
+    def load_failed(self, req_id: str) -> None:
+        """The worker could not fill all the blend promised (vLLM recomputes the rest)."""
+        b = self.requests.get(req_id)
+        if b is not None:
+            b.failed = True
 
     def finished(self, req_id: str) -> dict[str, Any] | None:
         """What the request's response tells of the blend (kv_transfer_params)."""

@@ -154,7 +154,8 @@ class VLLMLayerRunner:
             if kv is None or i != self._layer:
                 raise RuntimeError("kvmw's blend attention ran outside the blend")
             t = query.shape[0]
-            keys, values = kv.update(key.view(t, hk, d).transpose(0, 1)[None], value.view(t, hk, d).transpose(0, 1)[None], i)
+            heads = lambda x: x.view(t, hk, d).transpose(0, 1)[None]  # noqa: E731  [T, hk*D] -> [1, hk, T, D]
+            keys, values = kv.update(heads(key), heads(value), i)
             q = query.view(t, hq, d).transpose(0, 1)  # [hq, T, D]
             key_pos = torch.arange(keys.shape[2], device=q.device)
             q_pos = positions.to(q.device)

@@ -106,8 +106,11 @@ class BlendWorker:
             out.failed_blocks = spec.block_ids[end // bs: -(-spec.end // bs)]
         if end > spec.held:
             self._blend(spec, runner, kvs, end, out)
-        with runner.attached():
-            self._store_missing(spec, runner, out)
+        try:  # the pages are written: a document that fails to store costs only a later miss
+            with runner.attached():
+                self._store_missing(spec, runner, out)
+        except Exception:
+            log.exception("kvmw: storing the new documents of request %s failed", spec.req_id)
         out.seconds = time.perf_counter() - t0
         return out
 
@@ -151,8 +154,8 @@ class BlendWorker:
             slots = slots_for_tokens(spec.block_ids, 0, 0, spec.held, bs)
             for layer, i in self.layers:
                 kv = self.layout.gather(layer, slots)
-                keys[i][0] = kv[0].transpose(0, 1)
-                values[i][0] = kv[1].transpose(0, 1)
+                keys[i][0, :, :spec.held] = kv[0].transpose(0, 1)
+                values[i][0, :, :spec.held] = kv[1].transpose(0, 1)
         spans = spec.spans[:len(kvs)]
         cached = place_documents(keys, values, spans, kvs, self.repositioner.rotate, len(spec.context),
                                  start=spec.held)
@@ -163,7 +166,7 @@ class BlendWorker:
         out.recomputed = work.index.cpu().tolist()
         slots = slots_for_tokens(spec.block_ids, 0, spec.held, end, bs)
         for layer, i in self.layers:
-            kv = torch.stack([keys[i][0, :, spec.held:end].transpose(0, 1), values[i][0, :, spec.held:end].transpose(0, 1)])
+            kv = torch.stack([keys[i][0, :, spec.held:end], values[i][0, :, spec.held:end]]).transpose(1, 2)
             self.layout.scatter(layer, slots, kv)
 
     # ---- documents seen for the first time ---------------------------------------------------------

@@ -515,6 +515,7 @@ class KVMWConnector(KVConnectorBase_V1):
             self._index.discard(meta.evicted)
         for rid, chunk in meta.failed.items():
             self.planner.load_failed(rid, chunk)
+            self.blends.load_failed(rid)
         for rid, outcome in meta.blends.items():
             if rid in self.blends.requests:
                 self.blends.requests[rid].outcome = outcome
@@ -581,6 +582,7 @@ class KVMWConnector(KVConnectorBase_V1):
                 self.stats.blend_failures += 1
                 self.stats.blocks_recomputed += len(bad)
                 self._invalid_blocks.update(bad)
+                self._failed_reqs[spec.req_id] = 0  # the scheduler promises it nothing again
             if out is None:
                 continue
             self.stats.blends += 1

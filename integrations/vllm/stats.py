@@ -40,7 +40,7 @@ COUNTERS = {
     "store_seconds": "Seconds the background saver spent encoding and storing chunks (off the step)",
     "blends": "RAG prompts whose documents kvmw blended into vLLM's pages",
     "blend_documents_loaded": "Stored documents the blends reused",
-    "blend_tokens_recomputed": "Tokens the blends ran through every layer (selected document tokens and the text between)",
+    "blend_tokens_recomputed": "Tokens the blends ran through every layer (selected document tokens, text between)",
     "documents_computed": "Documents seen for the first time, computed after their context and stored",
     "blend_failures": "Blends whose documents did not all load (vLLM recomputed from the first that did not)",
     "blend_seconds": "Seconds the worker's steps spent blending (load, probe, recompute, page writes, new documents)",

@@ -103,9 +103,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if task["set"] != warm_set:  # warm-up: the set's documents in another order, another question
                 warm = dict(task, documents=task["documents"][1:] + task["documents"][:1],
                             question=code_question(tok, ["Warm-up"]))
+                warm_req = request(warm, "full_reuse", 0.0)
                 for name, eng in engines.items():
-                    eng.generate([request(warm, "full_reuse", 0.0).prompt_token_ids], max_tokens=1,
-                                 params=[request(warm, "full_reuse", 0.0).kv_transfer_params] if name == "kvmw" else None)
+                    eng.generate([warm_req.prompt_token_ids], max_tokens=1,
+                                 params=[warm_req.kv_transfer_params] if name == "kvmw" else None)
                 warm_set = task["set"]
             hf = {}
             for strategy, ratio in [("full_prefill", 1.0)] + blends:
@@ -148,7 +149,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     agree_all: list[bool] = []
     for (name, ratio), s in rows.items():
         cell = {"ttft_ratio": statistics.median(s["ratios"]), "ttft_s": statistics.mean(s["ttfts"]),
-                "accuracy": s["correct"] / n, "recomputed": statistics.mean(s["recomputed"])}
+                "accuracy": s["correct"] / n, "recomputed": _mean(s["recomputed"])}
         if s["agree"]:
             cell["hf_agreement"] = sum(s["agree"]) / len(s["agree"])
             agree_all += s["agree"]
@@ -165,3 +166,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"answers equal to the HF path's, every strategy: {out['rag_vllm']['hf_agreement']:.3f}")
     write_json(args.json, out)
     return out
+
+
+def _mean(xs: list[float]) -> float:
+    """The mean of the figures the engine reported (nan where none was)."""
+    xs = [x for x in xs if x == x]
+    return statistics.mean(xs) if xs else float("nan")

@@ -266,6 +266,12 @@ class _Child:
                 return {"armed": True}
         return {"armed": False}
 
+    def settings(self) -> dict[str, Any]:
+        """The engine's prefix caching and async scheduling, as vLLM resolved them."""
+        cfg = self.llm.llm_engine.vllm_config
+        return {"enable_prefix_caching": bool(cfg.cache_config.enable_prefix_caching),
+                "async_scheduling": bool(cfg.scheduler_config.async_scheduling)}
+
     def last_blend(self) -> dict[str, Any]:
         """The worker's last RAG blend: recomputed positions, held / end, block ids."""
         return {"blend": self._connectors()["worker"].last_blend}
