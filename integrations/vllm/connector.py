@@ -6,6 +6,10 @@ plugin, add ``"kv_connector_module_path":"kvmw.integrations.vllm"``. Settings
 come from the usual `KVMWConfig` (YAML / ``KVMW_*`` env); ``kv_connector_extra_config``
 may add ``{"kvmw": {field: value}}`` overrides or ``{"kvmw_config": "file.yaml"}``.
 
+Requests that carry RAG documents (``kv_transfer_params["kvmw"]``, built by
+`rag_request`) are blended instead of prefix-matched: blend_plan.py (scheduler),
+blend_worker.py and blend_runner.py (worker, on vLLM's own model) say how.
+
 vLLM builds two instances: one in the scheduler process (role SCHEDULER), one
 in each worker (role WORKER). They share nothing but the metadata object the
 scheduler builds each step and the worker metadata sent back.
