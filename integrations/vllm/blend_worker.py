@@ -12,9 +12,10 @@ the request (vLLM then computes the question over the pages written here):
 3. `blend` runs the strategy with vLLM's own layers (`VLLMLayerRunner`);
 4. the tokens ``[held, end)`` of every layer are written into the pages;
 5. documents the worker's tiers do not hold are computed after their context
-   (kept for the next document) and stored, as the HF hook stores them; those a
-   remote tier holds are read into memory on kvmw's thread instead, for the next
-   prompt (the step never waits on the network).
+   (kept for the next document) and stored, as the HF hook stores them (encoding
+   and the tiers' puts on kvmw's I/O thread); those a remote tier holds are read
+   into memory on that thread instead, for the next prompt (the step never waits
+   on the network or a disk).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -73,7 +74,10 @@ class BlendWorker:
         #: prefetched ones: the scheduler learns from these what the worker holds)
         self._stored: list[str] = []
         self._stored_lock = threading.Lock()
-        self._prefetcher: ThreadPoolExecutor | None = None
+        #: kvmw's thread for this worker's blend I/O: prefetches, and encoding and storing
+        #: new documents (a tier's put may be a disk write and fsync: never on the step)
+        self._io: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
         self._prefetching: set[str] = set()
 
     @property
@@ -185,13 +189,23 @@ class BlendWorker:
             finally:
                 self._prefetching.difference_update(keys)
 
-        if self._prefetcher is None:
-            self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="kvmw-prefetch")
-        self._prefetcher.submit(fetch)
+        self._submit(fetch)
 
-    def close(self) -> None:
-        if self._prefetcher is not None:
-            self._prefetcher.shutdown(wait=False, cancel_futures=True)
+    def _submit(self, job: Callable[[], None]) -> None:
+        if self._io is None:
+            self._io = ThreadPoolExecutor(1, thread_name_prefix="kvmw-blend-io")
+        self._pending = [f for f in self._pending if not f.done()] + [self._io.submit(job)]
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait for the prefetches and stores handed off so far; False when some did not end."""
+        done, not_done = wait(self._pending, timeout)
+        self._pending = list(not_done)
+        return not not_done
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self._io is not None:
+            self.flush(timeout)
+            self._io.shutdown(wait=False, cancel_futures=True)
 
     def _store_missing(self, spec: BlendSpec, runner: VLLMLayerRunner, out: BlendOutcome) -> None:
         remote = set(spec.prefetch)
@@ -200,12 +214,19 @@ class BlendWorker:
         for j in todo:
             s, e = spec.spans[j]
             kv = self.document_kv(runner, spec.context, spec.prompt[s:e])
-            first = len(spec.context)
-            blob = self.codec.encode(kv, self.fingerprint.digest, positions=torch.arange(first, first + e - s),
+            self._submit(lambda key=spec.keys[j], kv=kv, first=len(spec.context): self._store(key, kv, first))
+            out.documents_computed += 1
+
+    def _store(self, key: str, kv: torch.Tensor, first: int) -> None:
+        """On kvmw's I/O thread: encode a new document (its positions recorded) and store it."""
+        try:
+            n = kv.shape[2]
+            blob = self.codec.encode(kv, self.fingerprint.digest, positions=torch.arange(first, first + n),
                                      extra={"kind": "document"})
-            if self.store.put(spec.keys[j], blob, cost=float(e - s)):
-                self._took([spec.keys[j]])
-                out.documents_computed += 1
+            if self.store.put(key, blob, cost=float(n)):
+                self._took([key])
+        except Exception:  # a later miss, never a failed step
+            log.exception("kvmw: storing document %s failed", key)
 
     def _took(self, keys: list[str]) -> None:
         with self._stored_lock:

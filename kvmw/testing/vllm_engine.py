@@ -153,6 +153,8 @@ class _Child:
         worker = self._connectors().get("worker")
         if worker is not None:  # stores finish off the step: let them land before the next call
             worker.saver.flush(60)
+            if worker._blender is not None:
+                worker._blender.flush(60)
         result = []
         for o in outs:
             c = o.outputs[0]
