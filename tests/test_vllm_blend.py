@@ -73,6 +73,7 @@ def test_blend_planner_reports_the_leading_stored_documents_and_their_blocks():
     assert bp.matched_tokens("r", num_computed=8) == 7
     spec = bp.scheduled("r", list(range(20, 28)), replace=True)
     assert (spec.held, spec.end) == (8, 15) and bp.blended_blocks("r") == list(range(22, 28))
+    assert spec.unfilled(8, 4) == [22, 23] and spec.unfilled(12, 4) == [23] and spec.unfilled(15, 4) == []
     # a blend that did not load what it promised: the request is not blended again
     bp.load_failed("r")
     assert bp.matched_tokens("r", num_computed=0) == 0

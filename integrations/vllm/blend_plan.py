@@ -134,6 +134,11 @@ class BlendSpec:
     #: hit for the next prompt), neither loaded nor computed now
     prefetch: list[int] = field(default_factory=list)
 
+    def unfilled(self, start: int, block_size: int) -> list[int]:
+        """The blocks of tokens ``[start, end)`` (`start` block-aligned or `held`): what vLLM
+        recomputes when the blend fills nothing from `start` on."""
+        return self.block_ids[start // block_size: -(-self.end // block_size)] if self.end > start else []
+
 
 @dataclass
 class _Blend:

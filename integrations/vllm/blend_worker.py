@@ -101,13 +101,12 @@ class BlendWorker:
         bs = self.block_size
         runner = self.runner()
         if runner is None:
-            out.failed_blocks = spec.block_ids[spec.held // bs: -(-spec.end // bs)] if spec.end > spec.held else []
+            out.failed_blocks = spec.unfilled(spec.held, bs)
             log.warning("kvmw: vLLM's model was not found; request %s is computed whole", spec.req_id)
             return out
         self._prefetch(spec)
         kvs, end = self._load(spec, out)
-        if end < spec.end:
-            out.failed_blocks = spec.block_ids[end // bs: -(-spec.end // bs)]
+        out.failed_blocks = spec.unfilled(end, bs)
         if end > spec.held:
             self._blend(spec, runner, kvs, end, out)
         try:  # the pages are written: a document that fails to store costs only a later miss

@@ -580,8 +580,7 @@ class KVMWConnector(KVConnectorBase_V1):
             except Exception:  # never fail the step: vLLM recomputes what the blend would have written
                 log.exception("kvmw: blending request %s failed; vLLM computes it whole", spec.req_id)
                 out = None
-            bad = (spec.block_ids[spec.held // self.block_size: -(-spec.end // self.block_size)]
-                   if out is None else out.failed_blocks)
+            bad = spec.unfilled(spec.held, self.block_size) if out is None else out.failed_blocks
             if bad:
                 self.stats.blend_failures += 1
                 self.stats.blocks_recomputed += len(bad)
