@@ -17,7 +17,7 @@ VLLM_STAMP := $(VENV)/.kvmw-vllm
 # torch: the pinned CPU build unless this machine has CUDA (an unpinned torch pulls
 # a multi-GB CUDA build). The CPU wheel comes from pip's local find-links when
 # present, else from PyTorch's CPU index.
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml setup.py integrations/server/_fastpath.c Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PIP) install --upgrade pip $(QUIET)
 	@if ! $(PY) -c "import torch" 2>/dev/null; then \

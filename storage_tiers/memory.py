@@ -27,9 +27,6 @@ class CPUTier(Tier):
     def _store(self, blob: BytesLike) -> Any:
         return blob
 
-    def _load(self, stored: Any) -> BytesLike:
-        return stored
-
     def put(self, key: str, blob: BytesLike, cost: float = 1.0) -> bool:
         size = memoryview(blob).nbytes
         stored = self._store(blob)
@@ -49,14 +46,19 @@ class CPUTier(Tier):
         return True
 
     def get(self, key: str) -> BytesLike | None:
-        with self._index.lock:
+        # the hot path of every hit (kvmw serve's GET): the index's and counters' updates
+        # are written out here rather than through touch/_hit (a call each)
+        index = self._index
+        with index.lock:
             stored = self._data.get(key)
             if stored is None:
-                self._miss()
+                self.counters.misses += 1
                 return None
-            self._index.touch(key)
-            self._hit(self._index.sizes[key])
-        return self._load(stored)
+            index.policy.access(key)
+            counters = self.counters
+            counters.hits += 1
+            counters.bytes_read += index.sizes[key]
+        return stored
 
     def contains(self, keys: Sequence[str]) -> list[bool]:
         with self._index.lock:
@@ -101,8 +103,9 @@ class GPUTier(CPUTier):
         host = torch.frombuffer(bytearray(blob) if memoryview(blob).readonly else blob, dtype=torch.uint8)
         return host.to(self.device, non_blocking=False)
 
-    def _load(self, stored: Any) -> BytesLike:
-        return memoryview(stored.cpu().numpy())
+    def get(self, key: str) -> BytesLike | None:
+        stored = super().get(key)
+        return None if stored is None else memoryview(stored.cpu().numpy())
 
     def get_device(self, key: str) -> Any:
         with self._index.lock:

@@ -110,6 +110,7 @@ def test_bench_server_writes_the_issue_keys_beside_redis(tmp_path, redis_url):
     assert {"set", "get", "ping_inline", "ping_mbulk"} <= set(rb)
     for cell in rb.values():
         assert cell["x_redis"] == cell["kvmw_rps"] / cell["redis_rps"] and cell["kvmw_rps"] > 100
+        assert cell["python_path_x_redis"] == cell["python_path_rps"] / cell["redis_rps"]
     for size in ("3MiB", "32MiB"):
         assert data["server"][size]["1"]["gbps"] > 0 and data["redis"][size]["1"]["gbps"] > 0
         assert data["server"][size]["1"]["x_redis_paired"] > 0

@@ -512,3 +512,156 @@ def test_keys_of_any_length_are_stored_synced_and_served_after_a_restart(tmp_pat
         assert r.get(keys[3]) is None and r.dbsize() == len(keys) - 1
     finally:
         s2.stop(signal.SIGKILL)
+
+
+# ---- the compiled GET/SET/PING loop (integrations/server/_fastpath.c) ---------------------------
+def test_the_compiled_loop_is_built_where_a_c_compiler_is(tmp_path):
+    """setup.py builds it as an optional extension: on a machine with a C compiler (ours,
+    CI's) it must be there, or the speed the benchmarks report is not what users get."""
+    import shutil
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler: kvmw installs without the compiled loop")
+    from kvmw.integrations.server import _fastpath  # noqa: F401 (ImportError fails the test)
+
+    on, off = ServerProcess(tmp_path / "on").start(), ServerProcess(tmp_path / "off", "--no-fast-path").start()
+    try:
+        assert redis.Redis(port=on.port).info("server")["kvmw_fast_path"] == 1
+        assert redis.Redis(port=off.port).info("server")["kvmw_fast_path"] == 0
+    finally:
+        on.stop(signal.SIGKILL)
+        off.stop(signal.SIGKILL)
+
+
+def _command(*args: bytes) -> bytes:
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in args)
+
+
+def _session_script(seed: int, ttl: bool) -> list[bytes]:
+    """A client's commands, as raw frames: mostly the loop's GET/SET/PING (any case, binary,
+    empty and long keys, values up to past the direct-send size) mixed with what it must
+    leave to the Python path: other commands, options, MULTI, RESP3, errors, and with
+    `ttl` TTLs (while one is set every command goes the Python way)."""
+    import random
+
+    rng = random.Random(seed)
+    keys = [b"k%d" % i for i in range(12)] + [b"", b"\x00\xff bin", b"L" * 100, b"M" * 101, b"N" * 3000]
+    frames = []
+    for i in range(400):
+        key = rng.choice(keys)
+        roll = rng.random()
+        if roll < 0.35:
+            frames.append(_command(rng.choice([b"GET", b"get", b"Get"]), key))
+        elif roll < 0.6:
+            size = rng.choice([0, 1, 100, 4096, 70000, 200000])
+            frames.append(_command(rng.choice([b"SET", b"set"]), key, rng.randbytes(size)))
+        elif roll < 0.68:
+            frames.append(_command(rng.choice([b"PING", b"ping"])))
+        elif roll < 0.71:
+            frames.append(_command(b"PING", b"hello"))
+        elif roll < 0.74:
+            frames.append(_command(b"SET", key, b"ttl", b"EX", b"100") if ttl else _command(b"GET", key))
+        elif roll < 0.77:
+            frames.append(_command(b"DEL", key))
+        elif roll < 0.80:
+            frames.append(_command(b"EXISTS", key, rng.choice(keys)))
+        elif roll < 0.83:
+            frames.append(_command(b"GET", key, key))  # wrong arity: the Python path's error
+        elif roll < 0.86:
+            frames.append(_command(b"MULTI") + _command(b"SET", key, b"in-multi") + _command(b"GET", key)
+                          + _command(b"EXEC"))
+        elif roll < 0.89:
+            frames.append(_command(b"HELLO", b"3") + _command(b"GET", b"missing") + _command(b"HELLO", b"2"))
+        elif roll < 0.92:
+            frames.append(_command(b"STRLEN", key))
+        else:
+            frames.append(_command(b"GET", b"missing"))
+    return frames
+
+
+def _replies(port: int, stream: bytes, cuts: list[int]) -> bytes:
+    """Sends `stream` cut at `cuts` (a pause after each piece, so reads end mid-frame) and
+    reads the replies until the final PING's."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        at = 0
+        for cut in cuts + [len(stream)]:
+            sock.sendall(stream[at:cut])
+            at = cut
+            time.sleep(0.002)
+        sock.sendall(_command(b"PING", b"+PONG-END-MARK"))
+        got = bytearray()
+        want_tail = b"$%d\r\n+PONG-END-MARK\r\n" % len(b"+PONG-END-MARK")
+        while not got.endswith(want_tail):
+            chunk = sock.recv(1 << 20)
+            assert chunk, "connection closed early"
+            got += chunk
+    return bytes(got)
+
+
+def test_the_compiled_loop_replies_byte_for_byte_as_the_python_path(tmp_path):
+    """The same 400-command sessions, cut at random points, against a server with the loop
+    and one without: the reply streams are identical, and so are what each server holds
+    (the same files on disk: the loop names keys as the Python path does) and what it
+    counts; the loop ran most of the commands of the sessions without TTLs."""
+    import random
+
+    on, off = ServerProcess(tmp_path / "on").start(), ServerProcess(tmp_path / "off", "--no-fast-path").start()
+    try:
+        for seed, ttl in ((0, False), (1, False), (2, True)):  # the last one leaves TTLs set
+            frames = _session_script(seed, ttl)
+            stream = b"".join(frames)
+            # reads end between commands (where the loop starts) and inside them (where the
+            # Python path must take over, and give the rest back once a command is whole)
+            rng = random.Random(100 + seed)
+            bounds = [sum(map(len, frames[:i])) for i in range(1, len(frames))]
+            cuts = sorted(set(rng.sample(bounds, 100) + rng.sample(range(1, len(stream)), 30)))
+            got_on, got_off = _replies(on.port, stream, cuts), _replies(off.port, stream, cuts)
+            assert got_on == got_off, f"seed {seed}: first difference at byte " + str(
+                next(i for i, (a, b) in enumerate(zip(got_on, got_off)) if a != b) if len(got_on) == len(got_off)
+                else f"lengths {len(got_on)} vs {len(got_off)}")
+        r_on, r_off = redis.Redis(port=on.port), redis.Redis(port=off.port)
+        assert r_on.execute_command("KVMW.SYNC") == r_off.execute_command("KVMW.SYNC") == b"OK"
+        files_on = sorted(p.name for p in (tmp_path / "on").rglob("*") if p.is_file())
+        assert files_on == sorted(p.name for p in (tmp_path / "off").rglob("*") if p.is_file()) and files_on
+        keys = sorted(r_on.scan_iter(match="*"))
+        assert keys == sorted(r_off.scan_iter(match="*")) and len(keys) >= 10
+        assert [r_on.get(k) for k in keys] == [r_off.get(k) for k in keys]
+        stats_on, stats_off = r_on.info("stats"), r_off.info("stats")
+        assert stats_on["total_commands_processed"] == stats_off["total_commands_processed"] > 1000
+        assert stats_on["keyspace_hits"] == stats_off["keyspace_hits"]
+        assert r_on.info("server")["kvmw_fast_path_commands"] > 150
+    finally:
+        on.stop(signal.SIGKILL)
+        off.stop(signal.SIGKILL)
+
+
+def test_the_compiled_loop_stops_at_the_first_command_it_does_not_take():
+    """Pure logic of `FastPath.run`: whole GET/SET/PING run in order, the offset returned is
+    where the Python path resumes (a command the loop leaves, or one not whole yet), keys
+    are named as `store_key` names them, and `commands` counts what ran."""
+    fastpath = pytest.importorskip("kvmw.integrations.server._fastpath")
+    import xxhash
+
+    from kvmw.integrations.server.server import LONG_KEY, store_key
+
+    data: dict[str, bytes] = {}
+    counts = {"commands": 0}
+    loop = fastpath.FastPath(memory_get=data.get, store_get=None, store_put=data.__setitem__, has_room=None,
+                             expiry={}, counts=counts, digest=xxhash.xxh3_64_intdigest, max_value=1 << 20,
+                             long_key=LONG_KEY, direct_send=64 << 10)
+    keys = [b"", b"a", bytes(range(256))[:LONG_KEY], b"\xff" * 7]
+    head = b"".join(_command(b"set", k, b"v" + k) for k in keys) + _command(b"GET", keys[1]) + _command(b"PING")
+    rest = _command(b"SET", b"k", b"v", b"EX", b"9") + _command(b"GET", b"k")
+    buf = bytearray(b"junk" + head + rest + b"tail")
+    stop, replies = loop.run(buf, 4, len(buf) - 4)
+    assert stop == 4 + len(head) and replies == b"+OK\r\n" * 4 + b"$2\r\nva\r\n+PONG\r\n"
+    assert data == {store_key(k): b"v" + k for k in keys}
+    assert counts["commands"] == loop.commands == 6
+    partial = _command(b"GET", b"a")
+    assert loop.run(partial, 0, len(partial) - 1) == (0, None)  # not whole: left to hiredis
+    big = _command(b"SET", b"x" * (LONG_KEY + 1), b"v")  # a long key: framed with its value, in Python
+    assert loop.run(big, 0, len(big)) == (0, None) and counts["commands"] == 6
+    data[store_key(b"large")] = large = bytes(70000)
+    stop, replies = loop.run(_command(b"GET", b"large"), 0, len(_command(b"GET", b"large")))
+    assert replies == [b"$70000\r\n", large, b"\r\n"]  # a large value goes out from its own buffer

@@ -107,6 +107,9 @@ class RespConnection(asyncio.BufferedProtocol):
         self.closing = False
         self.transport: asyncio.Transport | None = None
         self.state: dict[str, Any] = {}  # the server's per-connection state (auth, MULTI, ...)
+        #: the server's compiled GET/SET/PING loop, ``run(buffer, start, end) -> (stop, replies)``,
+        #: while this connection may use it (authenticated, RESP2, no MULTI); None: all in Python
+        self.fast: Callable[[memoryview, int, int], tuple[int, Any]] | None = None
 
     # ---- asyncio callbacks ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -140,8 +143,22 @@ class RespConnection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         if self.closing:
             return
+        start = 0
+        fast = self.fast
+        if fast is not None and self._idle and not self._pending and not self._busy:
+            # whole GET/SET/PING commands at the start of the read run compiled; the Python
+            # path parses from the first one the loop did not take
+            start, replies = fast(self._view, 0, nbytes)
+            if start == nbytes and type(replies) is bytes:  # nothing else to send before them
+                self.transport.write(replies)  # type: ignore[union-attr]
+                return
+            if replies is not None:
+                self.queue(replies)
+            if start == nbytes:
+                self.flush()
+                return
         try:
-            self._parse(nbytes)
+            self._parse(start, nbytes)
         except (ProtocolError, hiredis.ProtocolError) as e:
             self.fail(f"protocol error: {e}")
             return
@@ -164,20 +181,22 @@ class RespConnection(asyncio.BufferedProtocol):
             self._on_close(self)
 
     # ---- parsing ----------------------------------------------------------------------------
-    def _parse(self, nbytes: int) -> None:
+    def _parse(self, start: int, end: int) -> None:
+        """Parses ``view[start:end]``, the part of this read the compiled loop did not run."""
         reader, limits, view = self._reader, self._limits, self._view
+        nbytes = end - start
         started = self._idle  # this read starts a command
-        if started and view[0] not in _COMMAND_START:
-            data = self._inline(view[:nbytes])
+        if started and view[start] not in _COMMAND_START:
+            data = self._inline(view[start:end])
             if not data.nbytes:
                 return
             reader.feed(data)
         else:
             # "*N\r\n$": a short array of bulks, every engine's and tool's command; anything
             # else has its headers checked before hiredis sees it
-            if started and (view[0] != 42 or view[2] != 13 or view[4] != 36):
-                _check_header(view[:nbytes], limits)
-            reader.feed(view, 0, nbytes)
+            if started and (nbytes < 5 or view[start] != 42 or view[start + 2] != 13 or view[start + 4] != 36):
+                _check_header(view[start:end], limits)
+            reader.feed(view, start, nbytes)
         # at most the size of the command in progress as this read began; only a command
         # that may be larger than max_value has its arguments measured
         size = self._partial + nbytes
@@ -205,7 +224,7 @@ class RespConnection(asyncio.BufferedProtocol):
             return
         self._partial = size
         if started:  # a frame that is not whole yet: an absurd header is refused now
-            _check_header(view[:nbytes], limits)
+            _check_header(view[start:end], limits)
         if size > limits.max_request:
             raise ProtocolError(f"a command of more than {limits.max_request} bytes")
 

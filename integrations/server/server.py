@@ -55,6 +55,11 @@ from kvmw.storage_tiers.disk import DiskTier
 from kvmw.storage_tiers.memory import CPUTier
 from kvmw.storage_tiers.tiered import TieredStore
 
+try:  # setup.py's optional extension; without a C compiler every command runs in Python
+    from kvmw.integrations.server._fastpath import FastPath
+except ImportError:  # pragma: no cover - exercised where the extension is not built
+    FastPath = None
+
 log = logging.getLogger("kvmw.server")
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 PROTOCOL_VERSION = 1
@@ -81,6 +86,8 @@ class ServerConfig:
     #: seconds a SET's acknowledgement may wait for room in the write-through queue
     ack_timeout: float = 30.0
     write_queue_bytes: int = 256 << 20
+    #: run whole GET/SET/PING commands through the compiled loop (`_fastpath.c`) when built
+    fast_path: bool = True
 
 
 #: keys up to this long are named by their hex (reversible); longer ones by a 128-bit hash,
@@ -149,6 +156,25 @@ class KVServer:
         #: about the connection (AUTH, MULTI, QUIT, ...) by the same rule from `_session_*`
         self._handlers = _by_command_name(self, "_cmd_")
         self._session = _by_command_name(self, "_session_")
+        self._fast_loop = self._fast_path() if config.fast_path else None
+        self._fast = self._fast_loop.run if self._fast_loop is not None else None
+
+    def _fast_path(self) -> Any:
+        """The compiled GET/SET/PING loop over this server's own store methods (None where
+        the extension is not built). It takes a command only where it would do what
+        `_command` does; see `_fastpath.c`."""
+        if FastPath is None:
+            return None
+        spill = bool(self.config.disk_path)
+        return FastPath(memory_get=self._memory.get, store_get=self.store.get if spill else None,
+                        store_put=self.store.put, has_room=self.store.has_room if spill else None,
+                        expiry=self.expiry, counts=self.counts, digest=xxhash.xxh3_64_intdigest,
+                        max_value=self.config.max_value, long_key=LONG_KEY, direct_send=DIRECT_SEND)
+
+    def _update_fast(self, conn: RespConnection, st: dict[str, Any]) -> None:
+        """The compiled loop serves a connection that is authenticated, speaks RESP2 (its
+        null reply) and is not queueing a transaction."""
+        conn.fast = self._fast if st["authed"] and st["queued"] is None and st["proto"] == 2 else None
 
     # ---- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
@@ -187,6 +213,7 @@ class KVServer:
         self.counts["connections"] += 1
         self._clients.add(conn)
         conn.state.update(authed=authed, proto=2, queued=None)
+        self._update_fast(conn, conn.state)
         if not conn.state["authed"]:
             asyncio.get_running_loop().call_later(self.config.auth_timeout, self._auth_expired, conn)
         return conn
@@ -231,14 +258,17 @@ class KVServer:
 
     def _session_multi(self, conn: RespConnection, st: dict[str, Any], args: list[bytes]) -> bytes:
         st["queued"] = []
+        self._update_fast(conn, st)
         return b"+OK\r\n"
 
     def _session_discard(self, conn: RespConnection, st: dict[str, Any], args: list[bytes]) -> bytes:
         st["queued"] = None
+        self._update_fast(conn, st)
         return b"+OK\r\n"
 
     def _session_exec(self, conn: RespConnection, st: dict[str, Any], args: list[bytes]) -> Any:
         queued, st["queued"] = st["queued"], None
+        self._update_fast(conn, st)
         if queued is None:
             return b"-ERR EXEC without MULTI\r\n"
         nbytes = sum(len(a[2]) for a in queued if _is_set(a))
@@ -268,6 +298,7 @@ class KVServer:
         if ok and not st["authed"]:
             st["authed"] = True
             conn.limits = self._limits(True)
+            self._update_fast(conn, st)
 
     def _session_hello(self, conn: RespConnection, st: dict[str, Any], args: list[bytes]) -> bytes:
         want = int(args[1]) if len(args) > 1 and args[1].isdigit() else st["proto"]
@@ -283,6 +314,7 @@ class KVServer:
         if want not in (2, 3):
             return b"-NOPROTO unsupported protocol version\r\n"
         st["proto"] = want
+        self._update_fast(conn, st)
         return _hello(want)
 
     async def _when_room(self, nbytes: int, run: Any, busy: bytes) -> Any:
@@ -453,6 +485,8 @@ class KVServer:
         return {
             "server": {"kvmw_version": _version(), "redis_version": "7.0.0", "redis_mode": "standalone",
                        "process_id": os.getpid(), "tcp_port": self.config.port,
+                       "kvmw_fast_path": int(self._fast is not None),
+                       "kvmw_fast_path_commands": self._fast_loop.commands if self._fast_loop is not None else 0,
                        "uptime_in_seconds": int(time.monotonic() - self._started)},
             "clients": {"connected_clients": len(self._clients)},
             "memory": {"used_memory": memory.get("used", 0), "maxmemory": memory.get("capacity", 0),
@@ -580,6 +614,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="kvmw YAML: cpu_capacity, disk_path, disk_capacity, policy")
     p.add_argument("--disk-path", default=None, help="folder of the disk spill (default: <the config's disk_path>/server)")
     p.add_argument("--memory-only", action="store_true", help="no disk spill (nothing survives a restart)")
+    p.add_argument("--no-fast-path", dest="fast_path", action="store_false",
+                   help="run GET/SET/PING through the Python path too (default: the compiled loop when "
+                        "kvmw was built with it; INFO's kvmw_fast_path says which)")
 
 
 def _token(args: argparse.Namespace) -> str:
@@ -604,7 +641,8 @@ def run(args: argparse.Namespace) -> int:
         auth_timeout=args.auth_timeout,
         memory_capacity=cfg.cpu_capacity,
         disk_path="" if args.memory_only else (args.disk_path or str(cfg.disk_dir / "server")),
-        disk_capacity=cfg.disk_capacity, policy=cfg.policy, write_queue_bytes=cfg.write_queue_bytes))
+        disk_capacity=cfg.disk_capacity, policy=cfg.policy, write_queue_bytes=cfg.write_queue_bytes,
+        fast_path=args.fast_path))
     try:  # uvloop's event loop: small commands ~20% faster than asyncio's (kvmw bench server)
         import uvloop
 

@@ -17,8 +17,14 @@ with a fixed 3 MiB reply from its own process (what a request/response chain all
 
 Small operations, with a client no one here wrote: ``redis-benchmark -t
 ping,set,get -n N -d 4096 -c 8`` against both servers, alternating, `--rounds`
-times (median requests/s per test; `x_redis` = kvmw over Redis). An engine's
-lookups and the chunk keys' EXISTS are such small round trips.
+times (median requests/s per test; `x_redis` = kvmw over Redis). A third server,
+`kvmw serve --no-fast-path`, runs in the same rotation (`python_path_rps`,
+`python_path_x_redis`): what the compiled GET/SET/PING loop gains. Where the one
+client process is the bound (both servers then show its rate), requests/s says
+little about the servers, so each run also reads the server's CPU time (all its
+threads, from /proc) per request: `*_cpu_us` (`cpu_x_redis` = kvmw's over Redis's;
+a server-bound rate is 1e6 / cpu_us). An engine's lookups and the chunk keys'
+EXISTS are such small round trips.
 """
 
 from __future__ import annotations
@@ -215,13 +221,14 @@ def _median_run(runs: list[dict[str, float]]) -> dict[str, float]:
     return sorted(runs, key=lambda r: r["gbps"])[len(runs) // 2]
 
 
-def start_kvmw_serve(disk: str, memory_only: bool) -> tuple[subprocess.Popen, int]:
+def start_kvmw_serve(disk: str, memory_only: bool, fast_path: bool = True) -> tuple[subprocess.Popen, int]:
     """A `kvmw serve` process on a free port, once it answers PING: (process, port)."""
     from kvmw.testing.redis_process import free_port, ping
 
     port = free_port()
     cmd = [sys.executable, "-m", "kvmw", "serve", "--port", str(port), "--disk-path", disk]
-    proc = subprocess.Popen(cmd + (["--memory-only"] if memory_only else []),
+    cmd += ["--memory-only"] if memory_only else []
+    proc = subprocess.Popen(cmd + ([] if fast_path else ["--no-fast-path"]),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while not ping("127.0.0.1", port, 0.2):
@@ -232,8 +239,11 @@ def start_kvmw_serve(disk: str, memory_only: bool) -> tuple[subprocess.Popen, in
     return proc, port
 
 
-def redis_benchmark_rps(port: int, requests: int, clients: int = 8, size: int = 4096) -> dict[str, float]:
-    """requests/s per test of one ``redis-benchmark -t ping,set,get`` run (its CSV output)."""
+def redis_benchmark_rps(port: int, requests: int, clients: int = 8, size: int = 4096,
+                        pid: int | None = None) -> dict[str, float]:
+    """requests/s per test of ``redis-benchmark -t ping,set,get`` (its CSV output), one
+    invocation per command; with the server's `pid`, also ``<test>_cpu_us``: the server's
+    CPU time per request during that command's run (PING's two tests share theirs)."""
     import csv
     import io
     import shutil
@@ -241,11 +251,42 @@ def redis_benchmark_rps(port: int, requests: int, clients: int = 8, size: int = 
     binary = shutil.which("redis-benchmark")
     if binary is None:
         raise RuntimeError("redis-benchmark not found (it comes with redis-server: apt install redis-tools)")
-    res = subprocess.run([binary, "-h", "127.0.0.1", "-p", str(port), "-t", "ping,set,get", "-n", str(requests),
-                          "-d", str(size), "-c", str(clients), "--csv"], capture_output=True, text=True,
-                         timeout=600, check=True)
-    rows = [r for r in csv.reader(io.StringIO(res.stdout)) if len(r) >= 2 and r[0] != "test"]
-    return {name.lower(): float(rps) for name, rps, *_ in rows}
+    out: dict[str, float] = {}
+    for command in ("ping", "set", "get"):
+        before = process_cpu_seconds(pid) if pid else 0.0
+        res = subprocess.run([binary, "-h", "127.0.0.1", "-p", str(port), "-t", command, "-n", str(requests),
+                              "-d", str(size), "-c", str(clients), "--csv"], capture_output=True, text=True,
+                             timeout=600, check=True)
+        cpu = process_cpu_seconds(pid) - before if pid else 0.0
+        rows = [r for r in csv.reader(io.StringIO(res.stdout)) if len(r) >= 2 and r[0] != "test"]
+        for name, rps, *_ in rows:
+            out[name.lower()] = float(rps)
+            if pid:
+                out[name.lower() + "_cpu_us"] = cpu / (requests * len(rows)) * 1e6
+    return out
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU time of every thread of `pid` so far (/proc schedstat: nanoseconds, not ticks)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):  # a thread that just ended
+            pass
+    return total / 1e9
+
+
+def redis_pid(port: int) -> int:
+    """The process id a RESP server on `port` reports in INFO (Redis and kvmw serve both do)."""
+    import redis
+
+    client = redis.Redis(port=port)
+    try:
+        return int(client.info("server")["process_id"])
+    finally:
+        client.close()
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -281,7 +322,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                  s["set_gbps"], r["set_gbps"], s["mixed_gbps"] / r["mixed_gbps"],
                                  s["p50_ms"], r["p50_ms"], s["p99_ms"], r["p99_ms"]])
             if args.redis_benchmark:
-                out["redis_benchmark"] = _redis_benchmark(port, redis_port, args)
+                out["redis_benchmark"] = _redis_benchmark(port, redis_port, args, disk)
         finally:
             proc.terminate()
             proc.wait(60)
@@ -298,24 +339,42 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if rb:
         print()
         print(f"redis-benchmark -t ping,set,get -n {args.rb_requests} -d 4096 -c 8 (median of {args.rounds}):")
-        print_table(["test", "kvmw req/s", "redis req/s", "x redis"],
-                    [[t, c["kvmw_rps"], c["redis_rps"], c["x_redis"]] for t, c in rb.items()])
+        print_table(["test", "kvmw req/s", "redis req/s", "x redis", "python path req/s", "x redis",
+                     "kvmw CPU us/req", "redis", "python path", "CPU x redis"],
+                    [[t, c["kvmw_rps"], c["redis_rps"], c["x_redis"], c["python_path_rps"], c["python_path_x_redis"],
+                      c["kvmw_cpu_us"], c["redis_cpu_us"], c["python_path_cpu_us"], c["cpu_x_redis"]]
+                     for t, c in rb.items()])
+        print("(CPU: the server process's own time per request; kvmw's rate where the server is the bound "
+              "is about Redis's / 'CPU x redis')")
     write_json(args.json, out)
     return out
 
 
-def _redis_benchmark(port: int, redis_port: int, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+def _redis_benchmark(port: int, redis_port: int, args: argparse.Namespace, disk: str) -> dict[str, dict[str, float]]:
+    """kvmw serve, Redis and kvmw serve --no-fast-path (its own process, same settings) in
+    turn, `args.rounds` times: the median of each."""
     print(f"[bench] redis-benchmark -t ping,set,get -n {args.rb_requests} -d 4096 -c 8, "
-          f"{args.rounds} alternating rounds", flush=True)
-    runs_k, runs_r = [], []
-    for _ in range(args.rounds):
-        runs_k.append(redis_benchmark_rps(port, args.rb_requests))
-        runs_r.append(redis_benchmark_rps(redis_port, args.rb_requests))
+          f"{args.rounds} alternating rounds (kvmw, Redis, kvmw --no-fast-path)", flush=True)
+    python_proc, python_port = start_kvmw_serve(os.path.join(disk, "python-path"), args.memory_only, fast_path=False)
+    runs: dict[str, list[dict[str, float]]] = {"kvmw": [], "redis": [], "python_path": []}
+    servers = [(name, p, redis_pid(p)) for name, p in (("kvmw", port), ("redis", redis_port), ("python_path", python_port))]
+    try:
+        for _ in range(args.rounds):
+            for name, p, pid in servers:
+                runs[name].append(redis_benchmark_rps(p, args.rb_requests, pid=pid))
+    finally:
+        python_proc.terminate()
+        python_proc.wait(60)
     out = {}
-    for test in runs_k[0]:
-        k = statistics.median(r[test] for r in runs_k)
-        r = statistics.median(r[test] for r in runs_r)
-        out[test] = {"kvmw_rps": k, "redis_rps": r, "x_redis": k / r}
+    for test in (t for t in runs["kvmw"][0] if not t.endswith("_cpu_us")):
+        cell: dict[str, float] = {}
+        for name in runs:
+            cell[f"{name}_rps"] = statistics.median(run[test] for run in runs[name])
+            cell[f"{name}_cpu_us"] = statistics.median(run[test + "_cpu_us"] for run in runs[name])
+        cell["x_redis"] = cell["kvmw_rps"] / cell["redis_rps"]
+        cell["python_path_x_redis"] = cell["python_path_rps"] / cell["redis_rps"]
+        cell["cpu_x_redis"] = cell["kvmw_cpu_us"] / cell["redis_cpu_us"]
+        out[test] = cell
     return out
 
 
