@@ -133,6 +133,8 @@ class CapacityIndex:
         victims = []
         if key in self.sizes:  # overwrite: the old entry's bytes come back
             self.remove(key)
+        if self.used + size <= self.capacity:  # the common case: room without a victim
+            return victims
         while self.used + size > self.capacity:
             victim = self.policy.victim()
             if victim is None:

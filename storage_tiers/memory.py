@@ -24,23 +24,25 @@ class CPUTier(Tier):
         self._index = CapacityIndex(capacity, make_policy(policy))
         self._data: dict[str, Any] = {}
 
-    def _store(self, blob: BytesLike) -> Any:
-        return blob
-
     def put(self, key: str, blob: BytesLike, cost: float = 1.0) -> bool:
-        size = memoryview(blob).nbytes
-        stored = self._store(blob)
-        with self._index.lock:
-            victims = self._index.make_room(key, size)
+        return self._put(key, blob, len(blob) if type(blob) is bytes else memoryview(blob).nbytes, cost)
+
+    def _put(self, key: str, stored: Any, size: int, cost: float) -> bool:
+        """Holds `stored` (the blob itself here; the GPU tier's device copy) as `size` bytes."""
+        index = self._index
+        with index.lock:
+            victims = index.make_room(key, size)
             if victims is None:
                 self.counters.rejected += 1
                 return False
+            data = self._data
             for v in victims:
-                del self._data[v]
-            self._data[key] = stored
-            self._index.add(key, size, cost)
-            self.counters.puts += 1
-            self.counters.bytes_written += size
+                del data[v]
+            data[key] = stored
+            index.add(key, size, cost)
+            counters = self.counters
+            counters.puts += 1
+            counters.bytes_written += size
         if victims:
             self._evicted(victims)
         return True
@@ -97,11 +99,12 @@ class GPUTier(CPUTier):
         super().__init__(capacity, policy)
         self.device = torch.device(device)
 
-    def _store(self, blob: BytesLike) -> Any:
+    def put(self, key: str, blob: BytesLike, cost: float = 1.0) -> bool:
         import torch
 
-        host = torch.frombuffer(bytearray(blob) if memoryview(blob).readonly else blob, dtype=torch.uint8)
-        return host.to(self.device, non_blocking=False)
+        view = memoryview(blob)
+        host = torch.frombuffer(bytearray(blob) if view.readonly else blob, dtype=torch.uint8)
+        return self._put(key, host.to(self.device, non_blocking=False), view.nbytes, cost)
 
     def get(self, key: str) -> BytesLike | None:
         stored = super().get(key)

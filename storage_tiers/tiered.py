@@ -253,7 +253,8 @@ class TieredStore:
         for i, tier in enumerate(self.tiers):
             ok, took = self.guarded(tier, "put", key, blob, cost)
             if ok:
-                queued = self._enqueue(key, blob, cost, self.tiers[i + 1:])
+                below = self.tiers[i + 1:]
+                queued = self._enqueue(key, blob, cost, below) if below else False
                 return took is not False or queued
         return False
 

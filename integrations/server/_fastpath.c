@@ -21,7 +21,6 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
-#include <stdio.h>
 #include <string.h>
 
 typedef struct {
@@ -191,16 +190,33 @@ static PyObject *store_name(FastPath *self, const Arg *key)
     return name;
 }
 
+/* "$<n>\r\n" into head (at least 24 bytes); its length (snprintf costs more than the GET) */
+static int bulk_header(char *head, Py_ssize_t n)
+{
+    char digits[20];
+    int len = 0, at = 0;
+    do {
+        digits[len++] = (char)('0' + n % 10);
+        n /= 10;
+    } while (n > 0);
+    head[at++] = '$';
+    while (len > 0)
+        head[at++] = digits[--len];
+    head[at++] = '\r';
+    head[at++] = '\n';
+    return at;
+}
+
 /* a bulk reply of `value` (any buffer), or the null reply */
 static int reply_bulk(FastPath *self, Out *o, PyObject *value)
 {
-    char head[32];
+    char head[24];
     if (value == Py_None)
         return out_write(o, "$-1\r\n", 5);
     Py_buffer view;
     if (PyObject_GetBuffer(value, &view, PyBUF_SIMPLE) < 0)
         return -1;
-    int n = snprintf(head, sizeof head, "$%zd\r\n", view.len);
+    int n = bulk_header(head, view.len);
     int rc = 0;
     if (view.len < self->direct_send) {
         rc = (out_write(o, head, n) < 0 || out_write(o, view.buf, view.len) < 0 || out_write(o, "\r\n", 2) < 0) ? -1 : 0;
