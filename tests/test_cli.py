@@ -119,8 +119,10 @@ def test_bench_server_writes_the_issue_keys_beside_redis(tmp_path, redis_url):
 
 
 def test_demo_runs_cold_warm_and_restarted_phases_with_identical_answers():
-    res = _kvmw("demo", "--tokens", "300", "--chunk-size", "64", "--max-new-tokens", "4")
+    res = _kvmw("demo", "--tokens", "300", "--chunk-size", "64", "--max-new-tokens", "4", "--rag-doc-tokens", "128")
     assert res.returncode == 0, res.stdout + res.stderr
+    # the RAG part: documents stored at the first question are loaded (not prefilled) after it
+    assert "RAG: 3 documents stored once" in res.stdout and "3 cached, 0 new" in res.stdout
     rows = [line.split() for line in res.stdout.splitlines()
             if line.startswith(("none (cold)", "cpu ", "disk ", "redis "))]
     tiers = [r[0] for r in rows]
