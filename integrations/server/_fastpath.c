@@ -41,6 +41,9 @@ typedef struct {
     long long commands;   /* commands this loop has run (INFO: kvmw_fast_path_commands) */
 } FastPath;
 
+/* the object fields, listed once for __init__, traverse and clear */
+#define FASTPATH_OBJECTS(X) X(memory_get) X(store_get) X(store_put) X(has_room) X(expiry) X(counts) X(digest)
+
 static PyObject *commands_key; /* "commands" */
 
 /* ---- output: small replies in one growing buffer, large values as their own parts ---- */
@@ -381,13 +384,9 @@ static int FastPath_init(FastPath *self, PyObject *args, PyObject *kwds)
                                      &has_room, &PyDict_Type, &expiry, &PyDict_Type, &counts, &digest,
                                      &max_value, &long_key, &direct_send))
         return -1;
-    PyObject **slots[] = {&self->memory_get, &self->store_get, &self->store_put, &self->has_room,
-                          &self->expiry, &self->counts, &self->digest};
-    PyObject *values[] = {memory_get, store_get, store_put, has_room, expiry, counts, digest};
-    for (size_t i = 0; i < sizeof values / sizeof values[0]; i++) {
-        Py_INCREF(values[i]);
-        Py_XSETREF(*slots[i], values[i]);
-    }
+#define KEEP(field) Py_INCREF(field); Py_XSETREF(self->field, field);
+    FASTPATH_OBJECTS(KEEP)
+#undef KEEP
     self->max_value = max_value;
     self->long_key = long_key;
     self->direct_send = direct_send;
@@ -396,25 +395,17 @@ static int FastPath_init(FastPath *self, PyObject *args, PyObject *kwds)
 
 static int FastPath_traverse(FastPath *self, visitproc visit, void *arg)
 {
-    Py_VISIT(self->memory_get);
-    Py_VISIT(self->store_get);
-    Py_VISIT(self->store_put);
-    Py_VISIT(self->has_room);
-    Py_VISIT(self->expiry);
-    Py_VISIT(self->counts);
-    Py_VISIT(self->digest);
+#define VISIT(field) Py_VISIT(self->field);
+    FASTPATH_OBJECTS(VISIT)
+#undef VISIT
     return 0;
 }
 
 static int FastPath_clear(FastPath *self)
 {
-    Py_CLEAR(self->memory_get);
-    Py_CLEAR(self->store_get);
-    Py_CLEAR(self->store_put);
-    Py_CLEAR(self->has_room);
-    Py_CLEAR(self->expiry);
-    Py_CLEAR(self->counts);
-    Py_CLEAR(self->digest);
+#define CLEAR(field) Py_CLEAR(self->field);
+    FASTPATH_OBJECTS(CLEAR)
+#undef CLEAR
     return 0;
 }
 
